@@ -1,0 +1,72 @@
+#include "core/device.h"
+
+#include <charconv>
+
+#include "core/error.h"
+
+namespace dpt {
+
+static int parse_index(std::string_view digits, std::string_view whole) {
+  int v = -1;
+  auto [p, ec] = std::from_chars(digits.data(), digits.data() + digits.size(), v);
+  DPT_CHECK(ec == std::errc() && p == digits.data() + digits.size() && v >= 0 && v < 4096,
+            UsageError, "bad device '", whole,
+            "': the index after ':' must be a number from 0 to 4095 (e.g. cpu:1, cuda:0)");
+  return v;
+}
+
+Device Device::parse(std::string_view s) {
+  auto colon = s.find(':');
+  std::string_view kind = s.substr(0, colon);
+  Device d;
+  if (kind == "cpu") {
+    d.type = DeviceType::CPU;
+  } else if (kind == "cuda" || kind == "gpu") {
+    d.type = DeviceType::CUDA;
+  } else {
+    DPT_THROW(UsageError, "bad device '", s, "': expected cpu, cpu:N, cuda or cuda:N");
+  }
+  if (colon != std::string_view::npos) d.index = parse_index(s.substr(colon + 1), s);
+  return d;
+}
+
+std::string Device::str() const {
+  return std::string(is_cpu() ? "cpu" : "cuda") + ":" + std::to_string(index);
+}
+
+std::vector<Device> parse_devices(std::string_view list) {
+  std::vector<Device> out;
+  DPT_CHECK(!list.empty(), UsageError, "empty device list: give e.g. --devices cpu or cpu:0,cpu:1");
+  size_t start = 0;
+  while (start <= list.size()) {
+    size_t comma = list.find(',', start);
+    std::string_view item = list.substr(start, comma == std::string_view::npos ? list.npos : comma - start);
+    auto star = item.find('*');
+    if (star != std::string_view::npos) {
+      Device base = Device::parse(item.substr(0, star));
+      int n = parse_index(item.substr(star + 1), item);
+      DPT_CHECK(n >= 1, UsageError, "bad device count in '", item, "': need at least 1");
+      for (int i = 0; i < n; ++i) out.push_back({base.type, i});
+    } else {
+      out.push_back(Device::parse(item));
+    }
+    if (comma == std::string_view::npos) break;
+    start = comma + 1;
+  }
+  for (size_t i = 0; i < out.size(); ++i)
+    for (size_t j = i + 1; j < out.size(); ++j)
+      DPT_CHECK(!(out[i] == out[j]), UsageError, "device ", out[i].str(), " is listed twice");
+  return out;
+}
+
+}  // namespace dpt
+
+namespace dpt {
+
+bool device_available(const Device& d, std::string* why) {
+  if (d.is_cpu()) return true;
+  if (why) *why = "device " + d.str() + " is unavailable: this build of dptrain has no CUDA backend";
+  return false;
+}
+
+}  // namespace dpt

@@ -1,0 +1,33 @@
+// Device: a value naming where memory lives and kernels run ("cpu", "cpu:1", "cuda:0").
+// Several cpu:N devices are distinct logical devices sharing the host (DataParallel on CPU).
+#pragma once
+
+#include <string>
+#include <string_view>
+#include <vector>
+
+namespace dpt {
+
+enum class DeviceType { CPU, CUDA };
+
+struct Device {
+  DeviceType type = DeviceType::CPU;
+  int index = 0;
+
+  static Device cpu(int index = 0) { return {DeviceType::CPU, index}; }
+  static Device cuda(int index = 0) { return {DeviceType::CUDA, index}; }
+  // Parses "cpu", "cpu:N", "cuda", "cuda:N"; throws UsageError naming the bad string.
+  static Device parse(std::string_view s);
+  std::string str() const;
+  bool is_cpu() const { return type == DeviceType::CPU; }
+  bool is_cuda() const { return type == DeviceType::CUDA; }
+  friend bool operator==(const Device&, const Device&) = default;
+};
+
+// Parses a comma-separated list ("cpu:0,cpu:1"); "cpu*N" expands to cpu:0..cpu:N-1.
+std::vector<Device> parse_devices(std::string_view list);
+
+// Whether kernels can run on this device in this process (CUDA: built with CUDA and a GPU present).
+bool device_available(const Device& d, std::string* why = nullptr);
+
+}  // namespace dpt

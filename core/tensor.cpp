@@ -1,0 +1,178 @@
+#include "core/tensor.h"
+
+#include <cmath>
+#include <cstdlib>
+#include <cstring>
+#include <limits>
+#include <sstream>
+
+namespace dpt {
+
+std::string shape_str(const Shape& s) {
+  std::ostringstream os;
+  os << "[";
+  for (size_t i = 0; i < s.size(); ++i) os << (i ? ", " : "") << s[i];
+  os << "]";
+  return os.str();
+}
+
+int64_t shape_numel(const Shape& s) {
+  int64_t n = 1;
+  for (int64_t d : s) {
+    DPT_CHECK(d >= 0, ConfigError, "negative dimension in shape ", shape_str(s));
+    DPT_CHECK(d == 0 || n <= (int64_t(1) << 62) / d, ConfigError, "shape ", shape_str(s),
+              " has too many elements");
+    n *= d;
+  }
+  return n;
+}
+
+void* device_alloc(const Device& d, size_t bytes) {
+  std::string why;
+  DPT_CHECK(device_available(d, &why), DeviceError, why);
+  if (bytes == 0) return nullptr;
+  size_t rounded = (bytes + 63) / 64 * 64;
+  void* p = std::aligned_alloc(64, rounded);
+  DPT_CHECK(p != nullptr, Error, "out of host memory allocating ", bytes, " bytes on ", d.str());
+  return p;
+}
+
+void device_free(const Device&, void* p, size_t) noexcept { std::free(p); }
+
+void device_copy(const Device& dst_dev, void* dst, const Device& src_dev, const void* src,
+                 size_t bytes) {
+  DPT_ASSERT(dst_dev.is_cpu() && src_dev.is_cpu(), "copy between ", src_dev.str(), " and ",
+             dst_dev.str(), " needs the CUDA backend");
+  if (bytes) std::memcpy(dst, src, bytes);
+}
+
+void device_zero(const Device& d, void* p, size_t bytes) {
+  DPT_ASSERT(d.is_cpu(), "zeroing on ", d.str(), " needs the CUDA backend");
+  if (bytes) std::memset(p, 0, bytes);
+}
+
+Storage::Storage(const Device& d, size_t bytes)
+    : device_(d), bytes_(bytes), data_(device_alloc(d, bytes)) {}
+Storage::~Storage() { device_free(device_, data_, bytes_); }
+
+Tensor::Tensor(Shape shape, DType dtype, Device device)
+    : shape_(std::move(shape)), numel_(shape_numel(shape_)), dtype_(dtype) {
+  storage_ = std::make_shared<Storage>(device, size_t(numel_) * dtype_size(dtype));
+}
+
+Tensor Tensor::zeros(Shape shape, DType dtype, Device device) {
+  Tensor t(std::move(shape), dtype, device);
+  t.zero_();
+  return t;
+}
+
+Tensor Tensor::full(Shape shape, float value, Device device) {
+  Tensor t(std::move(shape), DType::F32, Device::cpu());
+  float* p = t.data<float>();
+  for (int64_t i = 0; i < t.numel(); ++i) p[i] = value;
+  return device.is_cpu() ? std::move(t) : t.to(device);
+}
+
+Tensor Tensor::from_vector(Shape shape, const std::vector<float>& values) {
+  Tensor t(std::move(shape));
+  DPT_CHECK(int64_t(values.size()) == t.numel(), ConfigError, "from_vector: ", values.size(),
+            " values for shape ", shape_str(t.shape()));
+  std::memcpy(t.raw(), values.data(), t.nbytes());
+  return t;
+}
+
+const Device& Tensor::device() const {
+  static const Device kCpu = Device::cpu();
+  return storage_ ? storage_->device() : kCpu;
+}
+
+Tensor Tensor::clone() const { return to(device()); }
+
+Tensor Tensor::share() const {
+  Tensor t;
+  t.shape_ = shape_;
+  t.numel_ = numel_;
+  t.dtype_ = dtype_;
+  t.storage_ = storage_;
+  return t;
+}
+
+Tensor Tensor::reshape(Shape shape) const {
+  DPT_CHECK(shape_numel(shape) == numel_, ConfigError, "cannot reshape ", shape_str(shape_), " to ",
+            shape_str(shape));
+  Tensor t = share();
+  t.shape_ = std::move(shape);
+  return t;
+}
+
+Tensor Tensor::to(const Device& d) const {
+  DPT_ASSERT(defined(), "to() on an undefined tensor");
+  Tensor t(shape_, dtype_, d);
+  t.copy_from(*this);
+  return t;
+}
+
+Tensor Tensor::to(DType target) const {
+  DPT_ASSERT(device().is_cpu(), "dtype conversion runs on cpu");
+  if (target == dtype_) return clone();
+  std::vector<float> v = to_vector();
+  Tensor t(shape_, target, Device::cpu());
+  for (int64_t i = 0; i < numel_; ++i) {
+    switch (target) {
+      case DType::F32: t.data<float>()[i] = v[i]; break;
+      case DType::F16: t.data<uint16_t>()[i] = float_to_f16(v[i]); break;
+      case DType::BF16: t.data<uint16_t>()[i] = float_to_bf16(v[i]); break;
+      case DType::I64: t.data<int64_t>()[i] = int64_t(v[i]); break;
+    }
+  }
+  return t;
+}
+
+void Tensor::copy_from(const Tensor& src) {
+  DPT_CHECK(src.shape_ == shape_ && src.dtype_ == dtype_, ConfigError, "copy_from: ",
+            shape_str(src.shape_), " ", dtype_name(src.dtype_), " into ", shape_str(shape_), " ",
+            dtype_name(dtype_));
+  if (src.raw() == raw()) return;
+  device_copy(device(), raw(), src.device(), src.raw(), nbytes());
+}
+
+void Tensor::zero_() { device_zero(device(), raw(), nbytes()); }
+
+void Tensor::check_type(DType t) const {
+  DPT_ASSERT(dtype_ == t, "tensor of dtype ", dtype_name(dtype_), " accessed as ", dtype_name(t));
+}
+
+float Tensor::at(int64_t i) const {
+  DPT_ASSERT(device().is_cpu() && i >= 0 && i < numel_, "at(", i, ") out of range");
+  return data<float>()[i];
+}
+
+std::vector<float> Tensor::to_vector() const {
+  if (!device().is_cpu()) return to(Device::cpu()).to_vector();
+  std::vector<float> v(static_cast<size_t>(numel_));
+  for (int64_t i = 0; i < numel_; ++i) {
+    switch (dtype_) {
+      case DType::F32: v[i] = data<float>()[i]; break;
+      case DType::F16: v[i] = f16_to_float(data<uint16_t>()[i]); break;
+      case DType::BF16: v[i] = bf16_to_float(data<uint16_t>()[i]); break;
+      case DType::I64: v[i] = float(data<int64_t>()[i]); break;
+    }
+  }
+  return v;
+}
+
+double relative_error(const Tensor& a, const Tensor& b) {
+  DPT_CHECK(a.shape() == b.shape(), ConfigError, "relative_error: shapes ", shape_str(a.shape()),
+            " and ", shape_str(b.shape()), " differ");
+  std::vector<float> x = a.to_vector(), y = b.to_vector();
+  double num = 0, den = 0;
+  for (size_t i = 0; i < x.size(); ++i) {
+    double d = double(x[i]) - double(y[i]);
+    num += d * d;
+    den += double(y[i]) * double(y[i]);
+  }
+  if (den == 0) return std::sqrt(num);
+  return std::sqrt(num / den);
+}
+
+}  // namespace dpt

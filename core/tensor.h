@@ -1,0 +1,105 @@
+// Tensor: a dense, contiguous, row-major array of one dtype on one device.
+//
+// A Tensor owns its storage through the device's allocator. It is move-only: a deep copy is
+// clone() or to(), and share() is the explicit way to keep a second handle on the same storage
+// (used to save activations for backward without copying them).
+#pragma once
+
+#include <cstdint>
+#include <initializer_list>
+#include <memory>
+#include <string>
+#include <type_traits>
+#include <vector>
+
+#include "core/device.h"
+#include "core/dtype.h"
+#include "core/error.h"
+
+namespace dpt {
+
+using Shape = std::vector<int64_t>;
+std::string shape_str(const Shape& s);
+// Product of dims; throws ConfigError on a negative dim or overflow past 2^62 elements.
+int64_t shape_numel(const Shape& s);
+
+// Device memory primitives: the one place that knows how to allocate and copy per device.
+void* device_alloc(const Device& d, size_t bytes);
+void device_free(const Device& d, void* p, size_t bytes) noexcept;
+void device_copy(const Device& dst_dev, void* dst, const Device& src_dev, const void* src,
+                 size_t bytes);
+void device_zero(const Device& d, void* p, size_t bytes);
+
+class Storage {
+ public:
+  Storage(const Device& d, size_t bytes);
+  ~Storage();
+  Storage(const Storage&) = delete;
+  Storage& operator=(const Storage&) = delete;
+  void* data() const { return data_; }
+  size_t bytes() const { return bytes_; }
+  const Device& device() const { return device_; }
+
+ private:
+  Device device_;
+  size_t bytes_;
+  void* data_;
+};
+
+class Tensor {
+ public:
+  Tensor() = default;
+  Tensor(Shape shape, DType dtype = DType::F32, Device device = Device::cpu());  // uninitialised
+  static Tensor zeros(Shape shape, DType dtype = DType::F32, Device device = Device::cpu());
+  static Tensor full(Shape shape, float value, Device device = Device::cpu());
+  static Tensor from_vector(Shape shape, const std::vector<float>& values);
+
+  Tensor(Tensor&&) noexcept = default;
+  Tensor& operator=(Tensor&&) noexcept = default;
+  Tensor(const Tensor&) = delete;
+  Tensor& operator=(const Tensor&) = delete;
+
+  Tensor clone() const;               // deep copy on the same device
+  Tensor share() const;               // second handle on the same storage (no copy)
+  Tensor reshape(Shape shape) const;  // shares storage; numel must match
+  Tensor to(const Device& d) const;   // deep copy to another device
+  Tensor to(DType t) const;           // converted deep copy (CPU)
+  void copy_from(const Tensor& src);  // same shape and dtype, any devices
+  void zero_();
+
+  bool defined() const { return storage_ != nullptr; }
+  const Shape& shape() const { return shape_; }
+  int64_t dim(int i) const { return shape_.at(i < 0 ? i + int(shape_.size()) : i); }
+  int ndim() const { return int(shape_.size()); }
+  int64_t numel() const { return numel_; }
+  size_t nbytes() const { return size_t(numel_) * dtype_size(dtype_); }
+  DType dtype() const { return dtype_; }
+  const Device& device() const;
+  bool same_storage(const Tensor& o) const { return storage_ == o.storage_; }
+
+  void* raw() const { return storage_ ? storage_->data() : nullptr; }
+  template <typename T>
+  T* data() const {
+    if constexpr (std::is_same_v<T, float>) check_type(DType::F32);
+    else if constexpr (std::is_same_v<T, int64_t>) check_type(DType::I64);
+    else static_assert(std::is_same_v<T, uint16_t>, "float, int64_t or uint16_t");
+    if constexpr (std::is_same_v<T, uint16_t>)
+      DPT_ASSERT(dtype_ == DType::F16 || dtype_ == DType::BF16, "tensor is not 16-bit");
+    return static_cast<T*>(raw());
+  }
+  // Host-side element access for tests and small tensors (CPU float32 only).
+  float at(int64_t i) const;
+  std::vector<float> to_vector() const;  // float32 view of the values, from any device/dtype
+
+ private:
+  void check_type(DType t) const;
+  Shape shape_;
+  int64_t numel_ = 0;
+  DType dtype_ = DType::F32;
+  std::shared_ptr<Storage> storage_;
+};
+
+// Relative error ||a - b|| / ||b|| (float32 values; shapes must match).
+double relative_error(const Tensor& a, const Tensor& b);
+
+}  // namespace dpt

@@ -1,0 +1,69 @@
+// Batch normalisation over (N, H, W) per channel of an NCHW tensor, split into pieces so that
+// SyncBatchNorm can all-reduce the per-channel statistics between the pieces.
+//
+//   forward:   y = (x - mean) / sqrt(var + eps) * gamma + beta
+//   stats:     mean and biased var over the M = N*H*W values of each channel (training mode)
+//   running:   rm = (1-m) rm + m mean;  rv = (1-m) rv + m var * M/(M-1)   (PyTorch's rule)
+//   backward:  with xhat = (x - mean) * invstd, sum_dy = sum dy, sum_dy_xhat = sum dy * xhat,
+//              dx = gamma * invstd * (dy - (sum_dy + xhat * sum_dy_xhat) / M)
+// Outputs are overwritten; dgamma (+= sum_dy_xhat) and dbeta (+= sum_dy) are accumulated by the
+// module, not here.
+#pragma once
+
+#include "core/tensor.h"
+#include "kernels/dispatch.h"
+
+namespace dpt {
+
+namespace cpu {
+void batchnorm_stats(const Tensor& x, Tensor& mean, Tensor& var);
+void batchnorm_forward(const Tensor& x, const Tensor& mean, const Tensor& var, const Tensor& gamma,
+                       const Tensor& beta, float eps, Tensor& y);
+void batchnorm_update_running(Tensor& running_mean, Tensor& running_var, const Tensor& mean,
+                              const Tensor& var, int64_t count, float momentum);
+void batchnorm_backward_reduce(const Tensor& dy, const Tensor& x, const Tensor& mean,
+                               const Tensor& var, float eps, Tensor& sum_dy, Tensor& sum_dy_xhat);
+void batchnorm_backward_data(const Tensor& dy, const Tensor& x, const Tensor& mean,
+                             const Tensor& var, const Tensor& gamma, const Tensor& sum_dy,
+                             const Tensor& sum_dy_xhat, float eps, int64_t count, Tensor& dx);
+}  // namespace cpu
+namespace cuda {
+void batchnorm_stats(const Tensor& x, Tensor& mean, Tensor& var);
+void batchnorm_forward(const Tensor& x, const Tensor& mean, const Tensor& var, const Tensor& gamma,
+                       const Tensor& beta, float eps, Tensor& y);
+void batchnorm_update_running(Tensor& running_mean, Tensor& running_var, const Tensor& mean,
+                              const Tensor& var, int64_t count, float momentum);
+void batchnorm_backward_reduce(const Tensor& dy, const Tensor& x, const Tensor& mean,
+                               const Tensor& var, float eps, Tensor& sum_dy, Tensor& sum_dy_xhat);
+void batchnorm_backward_data(const Tensor& dy, const Tensor& x, const Tensor& mean,
+                             const Tensor& var, const Tensor& gamma, const Tensor& sum_dy,
+                             const Tensor& sum_dy_xhat, float eps, int64_t count, Tensor& dx);
+}  // namespace cuda
+
+inline void batchnorm_stats(const Tensor& x, Tensor& mean, Tensor& var) {
+  DPT_ON_DEVICE(x.device(), batchnorm_stats, x, mean, var);
+}
+inline void batchnorm_forward(const Tensor& x, const Tensor& mean, const Tensor& var,
+                              const Tensor& gamma, const Tensor& beta, float eps, Tensor& y) {
+  DPT_ON_DEVICE(x.device(), batchnorm_forward, x, mean, var, gamma, beta, eps, y);
+}
+inline void batchnorm_update_running(Tensor& running_mean, Tensor& running_var, const Tensor& mean,
+                                     const Tensor& var, int64_t count, float momentum) {
+  DPT_ON_DEVICE(mean.device(), batchnorm_update_running, running_mean, running_var, mean, var,
+                count, momentum);
+}
+inline void batchnorm_backward_reduce(const Tensor& dy, const Tensor& x, const Tensor& mean,
+                                      const Tensor& var, float eps, Tensor& sum_dy,
+                                      Tensor& sum_dy_xhat) {
+  DPT_ON_DEVICE(x.device(), batchnorm_backward_reduce, dy, x, mean, var, eps, sum_dy, sum_dy_xhat);
+}
+// count = M, the values per channel across all replicas.
+inline void batchnorm_backward_data(const Tensor& dy, const Tensor& x, const Tensor& mean,
+                                    const Tensor& var, const Tensor& gamma, const Tensor& sum_dy,
+                                    const Tensor& sum_dy_xhat, float eps, int64_t count,
+                                    Tensor& dx) {
+  DPT_ON_DEVICE(x.device(), batchnorm_backward_data, dy, x, mean, var, gamma, sum_dy, sum_dy_xhat,
+                eps, count, dx);
+}
+
+}  // namespace dpt

@@ -1,0 +1,120 @@
+// CPU batch normalisation (math in kernels/batchnorm.h). Per-channel sums run in double so the
+// statistics of large batches keep float32 accuracy; channels are spread over threads.
+#include "kernels/batchnorm.h"
+
+#include <cmath>
+
+#include "kernels/cpu/common.h"
+
+namespace dpt::cpu {
+
+namespace {
+struct Dims {
+  int64_t N, C, P;
+};
+Dims dims(const Tensor& x) {
+  check_f32_cpu(x, "batchnorm x");
+  DPT_ASSERT(x.ndim() == 4 || x.ndim() == 2, "batchnorm expects NCHW or NC, got ",
+             shape_str(x.shape()));
+  return {x.dim(0), x.dim(1), x.ndim() == 4 ? x.dim(2) * x.dim(3) : 1};
+}
+}  // namespace
+
+void batchnorm_stats(const Tensor& x, Tensor& mean, Tensor& var) {
+  Dims d = dims(x);
+  const float* xp = x.data<float>();
+  float *mp = mean.data<float>(), *vp = var.data<float>();
+  const double M = double(d.N * d.P);
+#pragma omp parallel for schedule(static)
+  for (int64_t c = 0; c < d.C; ++c) {
+    double s = 0;
+    for (int64_t n = 0; n < d.N; ++n) {
+      const float* row = xp + (n * d.C + c) * d.P;
+      for (int64_t p = 0; p < d.P; ++p) s += row[p];
+    }
+    const double mu = s / M;
+    double q = 0;
+    for (int64_t n = 0; n < d.N; ++n) {
+      const float* row = xp + (n * d.C + c) * d.P;
+      for (int64_t p = 0; p < d.P; ++p) q += (row[p] - mu) * (row[p] - mu);
+    }
+    mp[c] = float(mu);
+    vp[c] = float(q / M);
+  }
+}
+
+void batchnorm_forward(const Tensor& x, const Tensor& mean, const Tensor& var, const Tensor& gamma,
+                       const Tensor& beta, float eps, Tensor& y) {
+  Dims d = dims(x);
+  const float *xp = x.data<float>(), *mp = mean.data<float>(), *vp = var.data<float>(),
+              *gp = gamma.data<float>(), *bp = beta.data<float>();
+  float* yp = y.data<float>();
+#pragma omp parallel for collapse(2) schedule(static)
+  for (int64_t n = 0; n < d.N; ++n) {
+    for (int64_t c = 0; c < d.C; ++c) {
+      const float scale = gp[c] / std::sqrt(vp[c] + eps);
+      const float shift = bp[c] - mp[c] * scale;
+      const float* in = xp + (n * d.C + c) * d.P;
+      float* out = yp + (n * d.C + c) * d.P;
+      for (int64_t p = 0; p < d.P; ++p) out[p] = in[p] * scale + shift;
+    }
+  }
+}
+
+void batchnorm_update_running(Tensor& running_mean, Tensor& running_var, const Tensor& mean,
+                              const Tensor& var, int64_t count, float momentum) {
+  float *rm = running_mean.data<float>(), *rv = running_var.data<float>();
+  const float *mp = mean.data<float>(), *vp = var.data<float>();
+  const double unbias = count > 1 ? double(count) / double(count - 1) : 1.0;
+  for (int64_t c = 0; c < mean.numel(); ++c) {
+    rm[c] = (1 - momentum) * rm[c] + momentum * mp[c];
+    rv[c] = float((1 - momentum) * rv[c] + momentum * (vp[c] * unbias));
+  }
+}
+
+void batchnorm_backward_reduce(const Tensor& dy, const Tensor& x, const Tensor& mean,
+                               const Tensor& var, float eps, Tensor& sum_dy, Tensor& sum_dy_xhat) {
+  Dims d = dims(x);
+  const float *gp = dy.data<float>(), *xp = x.data<float>(), *mp = mean.data<float>(),
+              *vp = var.data<float>();
+  float *sd = sum_dy.data<float>(), *sdx = sum_dy_xhat.data<float>();
+#pragma omp parallel for schedule(static)
+  for (int64_t c = 0; c < d.C; ++c) {
+    const double mu = mp[c], invstd = 1.0 / std::sqrt(double(vp[c]) + eps);
+    double s = 0, sx = 0;
+    for (int64_t n = 0; n < d.N; ++n) {
+      const float* g = gp + (n * d.C + c) * d.P;
+      const float* xr = xp + (n * d.C + c) * d.P;
+      for (int64_t p = 0; p < d.P; ++p) {
+        s += g[p];
+        sx += g[p] * (xr[p] - mu);
+      }
+    }
+    sd[c] = float(s);
+    sdx[c] = float(sx * invstd);
+  }
+}
+
+void batchnorm_backward_data(const Tensor& dy, const Tensor& x, const Tensor& mean,
+                             const Tensor& var, const Tensor& gamma, const Tensor& sum_dy,
+                             const Tensor& sum_dy_xhat, float eps, int64_t count, Tensor& dx) {
+  Dims d = dims(x);
+  const float *gp = dy.data<float>(), *xp = x.data<float>(), *mp = mean.data<float>(),
+              *vp = var.data<float>(), *gam = gamma.data<float>(), *sd = sum_dy.data<float>(),
+              *sdx = sum_dy_xhat.data<float>();
+  float* dxp = dx.data<float>();
+#pragma omp parallel for collapse(2) schedule(static)
+  for (int64_t n = 0; n < d.N; ++n) {
+    for (int64_t c = 0; c < d.C; ++c) {
+      const float invstd = 1.0f / std::sqrt(vp[c] + eps);
+      const float k = gam[c] * invstd;
+      const float* g = gp + (n * d.C + c) * d.P;
+      const float* xr = xp + (n * d.C + c) * d.P;
+      float* out = dxp + (n * d.C + c) * d.P;
+      const float a = sd[c] / float(count), b = sdx[c] / float(count), mu = mp[c];
+      for (int64_t p = 0; p < d.P; ++p) out[p] = k * (g[p] - a - (xr[p] - mu) * invstd * b);
+    }
+  }
+}
+
+}  // namespace dpt::cpu

@@ -1,0 +1,158 @@
+// CPU convolution as one GEMM over the whole batch (see kernels/conv.h for the math).
+//
+// The input is unfolded (im2col) into col[K, N*P] with K = Cin*k*k and P = Ho*Wo, so that
+//   forward:          Y[Cout, N*P]  = W[Cout, K] * col
+//   backward-filter:  dW[Cout, K]  += dY[Cout, N*P] * col^T       (accumulated)
+//   backward-data:    dcol[K, N*P]  = W^T * dY, folded back (col2im) into dx (overwritten)
+// One batch-wide GEMM keeps Eigen's kernels busy even where a single image's P is tiny
+// (ResNet's last stage on 28x28 inputs has P = 1). 1x1 stride-1 convolutions skip the unfolding.
+#include "kernels/conv.h"
+
+#include <cstring>
+
+#include "kernels/cpu/common.h"
+
+namespace dpt::cpu {
+
+namespace {
+
+struct Geometry {
+  int64_t N, Cin, H, W, Cout, k, Ho, Wo, P, K;
+  int s, p;
+  bool pointwise() const { return k == 1 && s == 1 && p == 0; }
+};
+
+Geometry geometry(const Tensor& x, const Tensor& w, const Conv2dParams& prm) {
+  DPT_ASSERT(x.ndim() == 4 && w.ndim() == 4 && w.dim(1) == x.dim(1) && w.dim(2) == w.dim(3),
+             "conv2d: x ", shape_str(x.shape()), " does not fit weight ", shape_str(w.shape()));
+  Geometry g{};
+  g.N = x.dim(0), g.Cin = x.dim(1), g.H = x.dim(2), g.W = x.dim(3);
+  g.Cout = w.dim(0), g.k = w.dim(2), g.s = prm.stride, g.p = prm.pad;
+  g.Ho = conv_out_size(g.H, g.k, g.s, g.p), g.Wo = conv_out_size(g.W, g.k, g.s, g.p);
+  DPT_CHECK(g.Ho > 0 && g.Wo > 0, ConfigError, "conv2d: input ", g.H, "x", g.W,
+            " is too small for a ", g.k, "x", g.k, " kernel with stride ", g.s);
+  g.P = g.Ho * g.Wo;
+  g.K = g.Cin * g.k * g.k;
+  return g;
+}
+
+// col[(ci*k + a)*k + b][n*P + i*Wo + j] = x[n, ci, i*s - p + a, j*s - p + b] (0 outside).
+void im2col(const float* x, const Geometry& g, float* col) {
+  const int64_t NP = g.N * g.P;
+#pragma omp parallel for collapse(2) schedule(static)
+  for (int64_t r = 0; r < g.K; ++r) {
+    for (int64_t n = 0; n < g.N; ++n) {
+      int64_t ci = r / (g.k * g.k), a = (r / g.k) % g.k, b = r % g.k;
+      const float* plane = x + (n * g.Cin + ci) * g.H * g.W;
+      float* out = col + r * NP + n * g.P;
+      for (int64_t i = 0; i < g.Ho; ++i) {
+        int64_t h = i * g.s - g.p + a;
+        float* row = out + i * g.Wo;
+        if (h < 0 || h >= g.H) {
+          std::memset(row, 0, size_t(g.Wo) * 4);
+          continue;
+        }
+        const float* src = plane + h * g.W;
+        for (int64_t j = 0; j < g.Wo; ++j) {
+          int64_t w = j * g.s - g.p + b;
+          row[j] = (w >= 0 && w < g.W) ? src[w] : 0.0f;
+        }
+      }
+    }
+  }
+}
+
+// dx[n, ci, h, w] = sum of dcol entries that im2col read from (h, w); dx is overwritten.
+void col2im(const float* dcol, const Geometry& g, float* dx) {
+  const int64_t NP = g.N * g.P;
+#pragma omp parallel for collapse(2) schedule(static)
+  for (int64_t n = 0; n < g.N; ++n) {
+    for (int64_t ci = 0; ci < g.Cin; ++ci) {
+      float* plane = dx + (n * g.Cin + ci) * g.H * g.W;
+      std::memset(plane, 0, size_t(g.H * g.W) * 4);
+      for (int64_t a = 0; a < g.k; ++a) {
+        for (int64_t b = 0; b < g.k; ++b) {
+          const float* in = dcol + ((ci * g.k + a) * g.k + b) * NP + n * g.P;
+          for (int64_t i = 0; i < g.Ho; ++i) {
+            int64_t h = i * g.s - g.p + a;
+            if (h < 0 || h >= g.H) continue;
+            float* dst = plane + h * g.W;
+            const float* row = in + i * g.Wo;
+            for (int64_t j = 0; j < g.Wo; ++j) {
+              int64_t w = j * g.s - g.p + b;
+              if (w >= 0 && w < g.W) dst[w] += row[j];
+            }
+          }
+        }
+      }
+    }
+  }
+}
+
+// The unfolded input as a [K, N*P] matrix: x itself for a pointwise conv on one image.
+const float* unfold(const Tensor& x, const Geometry& g, int slot) {
+  const float* xp = x.data<float>();
+  if (g.pointwise() && g.N == 1) return xp;
+  float* col = scratch(slot, g.K * g.N * g.P);
+  if (g.pointwise())
+    nchw_to_cnp(xp, g.N, g.Cin, g.P, col);
+  else
+    im2col(xp, g, col);
+  return col;
+}
+
+}  // namespace
+
+void conv2d_forward(const Tensor& x, const Tensor& w, Tensor& y, const Conv2dParams& prm) {
+  check_f32_cpu(x, "conv2d x");
+  check_f32_cpu(w, "conv2d w");
+  Geometry g = geometry(x, w, prm);
+  DPT_ASSERT(y.shape() == Shape({g.N, g.Cout, g.Ho, g.Wo}), "conv2d: bad output shape ",
+             shape_str(y.shape()));
+  const float* col = unfold(x, g, 0);
+  ConstMatMap W(w.data<float>(), g.Cout, g.K);
+  ConstMatMap C(col, g.K, g.N * g.P);
+  if (g.N == 1) {
+    MatMap(y.data<float>(), g.Cout, g.P).noalias() = W * C;
+    return;
+  }
+  float* tmp = scratch(1, g.Cout * g.N * g.P);
+  MatMap(tmp, g.Cout, g.N * g.P).noalias() = W * C;
+  cnp_to_nchw(tmp, g.N, g.Cout, g.P, y.data<float>());
+}
+
+void conv2d_backward(const Tensor& dy, const Tensor& x, const Tensor& w, Tensor* dx, Tensor& dw,
+                     const Conv2dParams& prm) {
+  check_f32_cpu(dy, "conv2d dy");
+  check_f32_cpu(dw, "conv2d dw");
+  Geometry g = geometry(x, w, prm);
+  DPT_ASSERT(dy.shape() == Shape({g.N, g.Cout, g.Ho, g.Wo}) && dw.shape() == w.shape(),
+             "conv2d backward: bad shapes");
+  const int64_t NP = g.N * g.P;
+  const float* dyp = dy.data<float>();
+  if (g.N > 1) {
+    float* t = scratch(1, g.Cout * NP);
+    nchw_to_cnp(dyp, g.N, g.Cout, g.P, t);
+    dyp = t;
+  }
+  ConstMatMap dY(dyp, g.Cout, NP);
+  {
+    const float* col = unfold(x, g, 0);
+    MatMap(dw.data<float>(), g.Cout, g.K).noalias() += dY * ConstMatMap(col, g.K, NP).transpose();
+  }
+  if (!dx) return;
+  DPT_ASSERT(dx->shape() == x.shape(), "conv2d backward: dx shape");
+  ConstMatMap W(w.data<float>(), g.Cout, g.K);
+  if (g.pointwise() && g.N == 1) {
+    MatMap(dx->data<float>(), g.K, NP).noalias() = W.transpose() * dY;
+    return;
+  }
+  float* dcol = scratch(0, g.K * NP);
+  MatMap(dcol, g.K, NP).noalias() = W.transpose() * dY;
+  if (g.pointwise())
+    cnp_to_nchw(dcol, g.N, g.Cin, g.P, dx->data<float>());
+  else
+    col2im(dcol, g, dx->data<float>());
+}
+
+}  // namespace dpt::cpu

@@ -1,0 +1,41 @@
+// CPU elementwise ops (math in kernels/elementwise.h); all in place, split over threads.
+#include "kernels/elementwise.h"
+
+#include "kernels/cpu/common.h"
+
+namespace dpt::cpu {
+
+namespace {
+template <typename F>
+void each(Tensor& y, const Tensor* x, F f) {
+  check_f32_cpu(y, "elementwise operand");
+  DPT_ASSERT(!x || x->numel() == y.numel(), "elementwise: ", shape_str(y.shape()), " vs ",
+             shape_str(x->shape()));
+  float* yp = y.data<float>();
+  const float* xp = x ? x->data<float>() : nullptr;
+  const int64_t n = y.numel();
+#pragma omp parallel for simd schedule(static) if (n > 32768)
+  for (int64_t i = 0; i < n; ++i) yp[i] = f(yp[i], xp ? xp[i] : 0.0f);
+}
+}  // namespace
+
+void relu_(Tensor& x) {
+  each(x, nullptr, [](float v, float) { return v > 0 ? v : 0.0f; });
+}
+void relu_backward_(Tensor& g, const Tensor& y) {
+  each(g, &y, [](float gv, float yv) { return yv > 0 ? gv : 0.0f; });
+}
+void add_(Tensor& y, const Tensor& x) {
+  each(y, &x, [](float a, float b) { return a + b; });
+}
+void add_relu_(Tensor& y, const Tensor& x) {
+  each(y, &x, [](float a, float b) { return a + b > 0 ? a + b : 0.0f; });
+}
+void scale_(Tensor& x, float a) {
+  each(x, nullptr, [a](float v, float) { return a * v; });
+}
+void axpy_(Tensor& y, float a, const Tensor& x) {
+  each(y, &x, [a](float v, float u) { return v + a * u; });
+}
+
+}  // namespace dpt::cpu

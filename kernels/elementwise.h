@@ -1,0 +1,44 @@
+// Elementwise ops on float32 tensors of equal numel; all in place on their first argument.
+//
+//   relu_(x):           x = max(x, 0)
+//   relu_backward_(g, y): g = g * [y > 0]      (y is the ReLU's output)
+//   add_(y, x):         y = y + x              (residual add)
+//   add_relu_(y, x):    y = max(y + x, 0)      (residual add fused with the block's last ReLU)
+//   scale_(x, a):       x = a * x
+//   axpy_(y, a, x):     y = y + a * x
+#pragma once
+
+#include "core/tensor.h"
+#include "kernels/dispatch.h"
+
+namespace dpt {
+
+namespace cpu {
+void relu_(Tensor& x);
+void relu_backward_(Tensor& g, const Tensor& y);
+void add_(Tensor& y, const Tensor& x);
+void add_relu_(Tensor& y, const Tensor& x);
+void scale_(Tensor& x, float a);
+void axpy_(Tensor& y, float a, const Tensor& x);
+}  // namespace cpu
+namespace cuda {
+void relu_(Tensor& x);
+void relu_backward_(Tensor& g, const Tensor& y);
+void add_(Tensor& y, const Tensor& x);
+void add_relu_(Tensor& y, const Tensor& x);
+void scale_(Tensor& x, float a);
+void axpy_(Tensor& y, float a, const Tensor& x);
+}  // namespace cuda
+
+inline void relu_(Tensor& x) { DPT_ON_DEVICE(x.device(), relu_, x); }
+inline void relu_backward_(Tensor& g, const Tensor& y) {
+  DPT_ON_DEVICE(g.device(), relu_backward_, g, y);
+}
+inline void add_(Tensor& y, const Tensor& x) { DPT_ON_DEVICE(y.device(), add_, y, x); }
+inline void add_relu_(Tensor& y, const Tensor& x) { DPT_ON_DEVICE(y.device(), add_relu_, y, x); }
+inline void scale_(Tensor& x, float a) { DPT_ON_DEVICE(x.device(), scale_, x, a); }
+inline void axpy_(Tensor& y, float a, const Tensor& x) {
+  DPT_ON_DEVICE(y.device(), axpy_, y, a, x);
+}
+
+}  // namespace dpt

@@ -1,0 +1,36 @@
+// SGD with PyTorch's exact update rule (torch.optim.SGD, dampening 0 or d):
+//
+//   g = grad + weight_decay * p
+//   buf = g                                  on the first step
+//   buf = momentum * buf + (1 - dampening) g  afterwards
+//   g = g + momentum * buf  (Nesterov)  or  g = buf
+//   p = p - lr * g
+// Updates p and buf in place; grad is read only.
+#pragma once
+
+#include "core/tensor.h"
+#include "kernels/dispatch.h"
+
+namespace dpt {
+
+struct SgdParams {
+  float lr = 0.1f;
+  float momentum = 0.9f;
+  float dampening = 0.0f;
+  float weight_decay = 0.0f;
+  bool nesterov = false;
+};
+
+namespace cpu {
+void sgd_step(Tensor& p, const Tensor& grad, Tensor& buf, const SgdParams& h, bool first_step);
+}  // namespace cpu
+namespace cuda {
+void sgd_step(Tensor& p, const Tensor& grad, Tensor& buf, const SgdParams& h, bool first_step);
+}  // namespace cuda
+
+inline void sgd_step(Tensor& p, const Tensor& grad, Tensor& buf, const SgdParams& h,
+                     bool first_step) {
+  DPT_ON_DEVICE(p.device(), sgd_step, p, grad, buf, h, first_step);
+}
+
+}  // namespace dpt

@@ -1,0 +1,48 @@
+// Pooling over NCHW tensors.
+//
+//   max pool (k, stride s, pad p; padding never wins): y[n,c,i,j] = max over the window;
+//     backward routes dy to the first maximal element of each window, as PyTorch does.
+//   global average pool (AdaptiveAvgPool2d(1)): y[n,c] = mean_{h,w} x[n,c,h,w];
+//     backward spreads dy / (H*W) over the window.
+// Backward outputs (dx) are overwritten.
+#pragma once
+
+#include "core/tensor.h"
+#include "kernels/dispatch.h"
+
+namespace dpt {
+
+struct PoolParams {
+  int kernel = 3;
+  int stride = 2;
+  int pad = 1;
+};
+
+namespace cpu {
+void maxpool2d_forward(const Tensor& x, Tensor& y, const PoolParams& p);
+void maxpool2d_backward(const Tensor& dy, const Tensor& x, Tensor& dx, const PoolParams& p);
+void global_avgpool_forward(const Tensor& x, Tensor& y);
+void global_avgpool_backward(const Tensor& dy, Tensor& dx);
+}  // namespace cpu
+namespace cuda {
+void maxpool2d_forward(const Tensor& x, Tensor& y, const PoolParams& p);
+void maxpool2d_backward(const Tensor& dy, const Tensor& x, Tensor& dx, const PoolParams& p);
+void global_avgpool_forward(const Tensor& x, Tensor& y);
+void global_avgpool_backward(const Tensor& dy, Tensor& dx);
+}  // namespace cuda
+
+inline void maxpool2d_forward(const Tensor& x, Tensor& y, const PoolParams& p) {
+  DPT_ON_DEVICE(x.device(), maxpool2d_forward, x, y, p);
+}
+// x is the forward input: the argmax is recomputed instead of stored.
+inline void maxpool2d_backward(const Tensor& dy, const Tensor& x, Tensor& dx, const PoolParams& p) {
+  DPT_ON_DEVICE(x.device(), maxpool2d_backward, dy, x, dx, p);
+}
+inline void global_avgpool_forward(const Tensor& x, Tensor& y) {
+  DPT_ON_DEVICE(x.device(), global_avgpool_forward, x, y);
+}
+inline void global_avgpool_backward(const Tensor& dy, Tensor& dx) {
+  DPT_ON_DEVICE(dx.device(), global_avgpool_backward, dy, dx);
+}
+
+}  // namespace dpt

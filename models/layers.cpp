@@ -1,0 +1,181 @@
+#include "models/layers.h"
+
+#include <cmath>
+
+#include "kernels/batchnorm.h"
+#include "kernels/elementwise.h"
+#include "kernels/linear.h"
+
+namespace dpt {
+
+namespace {
+Tensor normal_tensor(Shape shape, float stddev, Rng& rng) {
+  Tensor t(std::move(shape));
+  float* p = t.data<float>();
+  for (int64_t i = 0; i < t.numel(); ++i) p[i] = stddev * rng.normal();
+  return t;
+}
+Tensor uniform_tensor(Shape shape, float bound, Rng& rng) {
+  Tensor t(std::move(shape));
+  float* p = t.data<float>();
+  for (int64_t i = 0; i < t.numel(); ++i) p[i] = rng.uniform(-bound, bound);
+  return t;
+}
+}  // namespace
+
+Conv2d::Conv2d(int64_t in, int64_t out, int k, int stride, int pad, Rng& rng)
+    : weight(register_parameter(
+          "weight", normal_tensor({out, in, k, k}, std::sqrt(2.0f / float(out * k * k)), rng))),
+      p_{stride, pad} {}
+
+Tensor Conv2d::forward(Tensor x) {
+  const Tensor& w = weight.value;
+  Tensor y({x.dim(0), w.dim(0), conv_out_size(x.dim(2), w.dim(2), p_.stride, p_.pad),
+            conv_out_size(x.dim(3), w.dim(3), p_.stride, p_.pad)},
+           DType::F32, x.device());
+  conv2d_forward(x, w, y, p_);
+  if (is_training()) x_ = std::move(x);
+  return y;
+}
+
+Tensor Conv2d::backward(Tensor dy) {
+  DPT_ASSERT(x_.defined(), "Conv2d::backward without a training-mode forward");
+  Tensor dx;
+  if (input_grad_) dx = Tensor(x_.shape(), DType::F32, x_.device());
+  conv2d_backward(dy, x_, weight.value, input_grad_ ? &dx : nullptr, weight.grad, p_);
+  release();
+  return dx;
+}
+
+BatchNorm2d::BatchNorm2d(int64_t c, float eps, float momentum)
+    : weight(register_parameter("weight", Tensor::full({c}, 1.0f))),
+      bias(register_parameter("bias", Tensor::zeros({c}))),
+      running_mean(register_buffer("running_mean", Tensor::zeros({c}))),
+      running_var(register_buffer("running_var", Tensor::full({c}, 1.0f))),
+      num_batches_tracked(register_buffer("num_batches_tracked", Tensor::zeros({}, DType::I64))),
+      eps_(eps),
+      momentum_(momentum) {}
+
+Tensor BatchNorm2d::forward(Tensor x) {
+  Tensor y(x.shape(), DType::F32, x.device());
+  if (!is_training()) {
+    batchnorm_forward(x, running_mean, running_var, weight.value, bias.value, eps_, y);
+    return y;
+  }
+  const int64_t C = x.dim(1);
+  Tensor mean({C}, DType::F32, x.device()), var({C}, DType::F32, x.device());
+  batchnorm_stats(x, mean, var);
+  int64_t count = x.numel() / C;
+  if (sync_) sync_->reduce_stats(mean, var, count);
+  DPT_CHECK(count > 1, ConfigError, "BatchNorm2d in training mode needs more than one value per ",
+            "channel (got a batch of shape ", shape_str(x.shape()), "); use a larger batch");
+  batchnorm_forward(x, mean, var, weight.value, bias.value, eps_, y);
+  batchnorm_update_running(running_mean, running_var, mean, var, count, momentum_);
+  if (num_batches_tracked.device().is_cpu()) {
+    ++num_batches_tracked.data<int64_t>()[0];
+  } else {
+    Tensor n = num_batches_tracked.to(Device::cpu());
+    ++n.data<int64_t>()[0];
+    num_batches_tracked.copy_from(n);
+  }
+  x_ = std::move(x);
+  mean_ = std::move(mean);
+  var_ = std::move(var);
+  count_ = count;
+  return y;
+}
+
+Tensor BatchNorm2d::backward(Tensor dy) {
+  DPT_ASSERT(x_.defined() || !is_training(), "BatchNorm2d::backward without a forward");
+  DPT_CHECK(x_.defined(), ConfigError, "BatchNorm2d backward in eval mode is not supported");
+  const int64_t C = x_.dim(1);
+  Tensor sum_dy({C}, DType::F32, x_.device()), sum_dy_xhat({C}, DType::F32, x_.device());
+  batchnorm_backward_reduce(dy, x_, mean_, var_, eps_, sum_dy, sum_dy_xhat);
+  add_(weight.grad, sum_dy_xhat);
+  add_(bias.grad, sum_dy);
+  if (sync_) sync_->reduce_grad_sums(sum_dy, sum_dy_xhat);
+  Tensor dx(x_.shape(), DType::F32, x_.device());
+  batchnorm_backward_data(dy, x_, mean_, var_, weight.value, sum_dy, sum_dy_xhat, eps_, count_, dx);
+  release();
+  return dx;
+}
+
+void BatchNorm2d::release() {
+  x_ = Tensor();
+  mean_ = Tensor();
+  var_ = Tensor();
+}
+
+Tensor ReLU::forward(Tensor x) {
+  relu_(x);
+  if (is_training()) y_ = x.share();
+  return x;
+}
+
+Tensor ReLU::backward(Tensor dy) {
+  relu_backward_(dy, y_);
+  release();
+  return dy;
+}
+
+Tensor MaxPool2d::forward(Tensor x) {
+  Tensor y({x.dim(0), x.dim(1), conv_out_size(x.dim(2), p_.kernel, p_.stride, p_.pad),
+            conv_out_size(x.dim(3), p_.kernel, p_.stride, p_.pad)},
+           DType::F32, x.device());
+  maxpool2d_forward(x, y, p_);
+  if (is_training()) x_ = std::move(x);
+  return y;
+}
+
+Tensor MaxPool2d::backward(Tensor dy) {
+  Tensor dx(x_.shape(), DType::F32, x_.device());
+  maxpool2d_backward(dy, x_, dx, p_);
+  release();
+  return dx;
+}
+
+Tensor GlobalAvgPool::forward(Tensor x) {
+  Tensor y({x.dim(0), x.dim(1)}, DType::F32, x.device());
+  global_avgpool_forward(x, y);
+  in_shape_ = x.shape();
+  dev_ = x.device();
+  return y;
+}
+
+Tensor GlobalAvgPool::backward(Tensor dy) {
+  Tensor dx(in_shape_, DType::F32, dev_);
+  global_avgpool_backward(dy, dx);
+  return dx;
+}
+
+Linear::Linear(int64_t in, int64_t out, Rng& rng)
+    : weight(register_parameter("weight", uniform_tensor({out, in}, 1.0f / std::sqrt(float(in)), rng))),
+      bias(register_parameter("bias", uniform_tensor({out}, 1.0f / std::sqrt(float(in)), rng))) {}
+
+Tensor Linear::forward(Tensor x) {
+  DPT_CHECK(x.ndim() == 2 && x.dim(1) == weight.value.dim(1), ConfigError, "Linear expects [N, ",
+            weight.value.dim(1), "] input, got ", shape_str(x.shape()));
+  Tensor y({x.dim(0), weight.value.dim(0)}, DType::F32, x.device());
+  linear_forward(x, weight.value, bias.value, y);
+  if (is_training()) x_ = std::move(x);
+  return y;
+}
+
+Tensor Linear::backward(Tensor dy) {
+  Tensor dx(x_.shape(), DType::F32, x_.device());
+  linear_backward(dy, x_, weight.value, &dx, weight.grad, bias.grad);
+  release();
+  return dx;
+}
+
+Tensor Sequential::forward(Tensor x) {
+  for (Module* m : order_) x = m->forward(std::move(x));
+  return x;
+}
+
+Tensor Sequential::backward(Tensor dy) {
+  for (auto it = order_.rbegin(); it != order_.rend(); ++it) dy = (*it)->backward(std::move(dy));
+  return dy;
+}
+
+}  // namespace dpt

@@ -1,0 +1,87 @@
+// Module: the base of every layer and model, with PyTorch's naming of parameters and buffers.
+//
+// Each module registers its parameters, buffers and children in construction order; the named_*
+// walks and state_dict() then produce exactly torch.nn.Module's dotted names and order
+// (state_dict: per module its parameters, then its buffers, then its children, recursively).
+//
+// Training is explicit: forward(x) computes the output and, in train mode, keeps what backward
+// needs; backward(dy) returns dx and ACCUMULATES into each parameter's grad (zero_grad clears).
+// Only activation modules (ReLU) may overwrite dy in place; all others leave it untouched.
+#pragma once
+
+#include <memory>
+#include <string>
+#include <utility>
+#include <vector>
+
+#include "core/tensor.h"
+
+namespace dpt {
+
+struct Parameter {
+  Tensor value;
+  Tensor grad;
+};
+
+// Ordered (name, tensor) pairs; tensors share storage with the module they came from.
+struct StateDict {
+  std::vector<std::pair<std::string, Tensor>> entries;
+  const Tensor* find(const std::string& name) const;
+  size_t size() const { return entries.size(); }
+};
+
+struct LoadReport {
+  std::vector<std::string> missing;     // in the module, not in the state dict
+  std::vector<std::string> unexpected;  // in the state dict, not in the module
+  bool ok() const { return missing.empty() && unexpected.empty(); }
+  std::string str() const;
+};
+
+class Module {
+ public:
+  virtual ~Module() = default;
+  Module() = default;
+  Module(const Module&) = delete;
+  Module& operator=(const Module&) = delete;
+
+  virtual std::string kind() const = 0;
+  virtual Tensor forward(Tensor x) = 0;
+  virtual Tensor backward(Tensor dy) = 0;
+
+  std::vector<std::pair<std::string, Parameter*>> named_parameters(const std::string& prefix = "");
+  std::vector<std::pair<std::string, Tensor*>> named_buffers(const std::string& prefix = "");
+  std::vector<std::pair<std::string, Module*>> named_modules(const std::string& prefix = "");
+  StateDict state_dict();
+  // Copies values in (converting float dtypes). A shape mismatch always throws ConfigError; missing
+  // or unexpected keys throw in strict mode and are only reported otherwise.
+  LoadReport load_state_dict(const StateDict& sd, bool strict = true);
+  int64_t num_parameters();
+
+  void train(bool on = true);
+  void eval() { train(false); }
+  bool is_training() const { return training_; }
+  void to(const Device& d);  // moves parameters, grads and buffers
+  Device device();
+  void zero_grad();
+  // Drops tensors kept for backward (after backward, or when a forward's output is not used).
+  virtual void release() {}
+
+ protected:
+  Parameter& register_parameter(const std::string& name, Tensor value);
+  Tensor& register_buffer(const std::string& name, Tensor value);
+  template <typename M>
+  M& register_module(const std::string& name, std::unique_ptr<M> m) {
+    M& ref = *m;
+    children_.emplace_back(name, std::move(m));
+    return ref;
+  }
+  std::vector<std::pair<std::string, std::unique_ptr<Module>>>& children() { return children_; }
+
+ private:
+  std::vector<std::pair<std::string, std::unique_ptr<Parameter>>> params_;
+  std::vector<std::pair<std::string, std::unique_ptr<Tensor>>> buffers_;
+  std::vector<std::pair<std::string, std::unique_ptr<Module>>> children_;
+  bool training_ = true;
+};
+
+}  // namespace dpt

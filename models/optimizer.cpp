@@ -1,0 +1,40 @@
+#include "models/optimizer.h"
+
+#include <cmath>
+
+namespace dpt {
+
+void Sgd::step(Module& m) {
+  for (auto& [name, p] : m.named_parameters()) {
+    auto it = bufs_.find(name);
+    bool first = it == bufs_.end();
+    if (first && h_.momentum != 0)
+      it = bufs_.emplace(name, Tensor(p->value.shape(), DType::F32, p->value.device())).first;
+    Tensor none;
+    sgd_step(p->value, p->grad, h_.momentum != 0 ? it->second : none, h_, first);
+  }
+}
+
+float LrSchedule::lr_at(int64_t step) const {
+  if (step < warmup_steps) return base_lr * float(step + 1) / float(warmup_steps);
+  const int64_t t = step - warmup_steps;
+  switch (kind) {
+    case Kind::Constant: return base_lr;
+    case Kind::Step: return base_lr * std::pow(gamma, float(t / std::max<int64_t>(step_size, 1)));
+    case Kind::Cosine: {
+      const int64_t span = std::max<int64_t>(total_steps - warmup_steps, 1);
+      const double frac = std::min(1.0, double(t) / double(span));
+      return float(0.5 * base_lr * (1.0 + std::cos(3.141592653589793 * frac)));
+    }
+  }
+  return base_lr;
+}
+
+LrSchedule::Kind LrSchedule::parse(const std::string& s) {
+  if (s == "constant") return Kind::Constant;
+  if (s == "step") return Kind::Step;
+  if (s == "cosine") return Kind::Cosine;
+  DPT_THROW(UsageError, "unknown --lr-schedule '", s, "': expected constant, step or cosine");
+}
+
+}  // namespace dpt

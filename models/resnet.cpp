@@ -1,0 +1,104 @@
+#include "models/resnet.h"
+
+#include "kernels/elementwise.h"
+
+namespace dpt {
+
+ResidualBlock::ResidualBlock(bool bottleneck, int64_t in, int64_t planes, int stride, Rng& rng)
+    : bottleneck_(bottleneck) {
+  const int64_t out = planes * expansion(bottleneck);
+  auto conv = [&](const char* name, int64_t ci, int64_t co, int k, int s) {
+    convs_.push_back(&register_module(name, std::make_unique<Conv2d>(ci, co, k, s, k / 2, rng)));
+  };
+  auto bn = [&](const char* name, int64_t c) {
+    bns_.push_back(&register_module(name, std::make_unique<BatchNorm2d>(c)));
+  };
+  if (bottleneck) {
+    conv("conv1", in, planes, 1, 1);
+    bn("bn1", planes);
+    conv("conv2", planes, planes, 3, stride);
+    bn("bn2", planes);
+    conv("conv3", planes, out, 1, 1);
+    bn("bn3", out);
+  } else {
+    conv("conv1", in, planes, 3, stride);
+    bn("bn1", planes);
+    conv("conv2", planes, planes, 3, 1);
+    bn("bn2", planes);
+  }
+  register_module("relu", std::make_unique<ReLU>());
+  if (stride != 1 || in != out) {
+    downsample_ = &register_module("downsample", std::make_unique<Sequential>());
+    downsample_->add(std::make_unique<Conv2d>(in, out, 1, stride, 0, rng));
+    downsample_->add(std::make_unique<BatchNorm2d>(out));
+  }
+}
+
+Tensor ResidualBlock::forward(Tensor x) {
+  Tensor identity = downsample_ ? downsample_->forward(x.share()) : x.share();
+  relu_out_.clear();
+  for (size_t i = 0; i < convs_.size(); ++i) {
+    x = bns_[i]->forward(convs_[i]->forward(std::move(x)));
+    if (i + 1 == convs_.size()) break;
+    relu_(x);
+    if (is_training()) relu_out_.push_back(x.share());
+  }
+  add_relu_(x, identity);
+  if (is_training()) y_ = x.share();
+  return x;
+}
+
+Tensor ResidualBlock::backward(Tensor dy) {
+  DPT_ASSERT(y_.defined(), "ResidualBlock::backward without a training-mode forward");
+  relu_backward_(dy, y_);
+  Tensor g = dy.share();
+  for (size_t i = convs_.size(); i-- > 0;) {
+    g = convs_[i]->backward(bns_[i]->backward(std::move(g)));
+    if (i > 0) relu_backward_(g, relu_out_[i - 1]);
+  }
+  if (downsample_)
+    add_(g, downsample_->backward(std::move(dy)));
+  else
+    add_(g, dy);
+  relu_out_.clear();
+  release();
+  return g;
+}
+
+ResNet::ResNet(const ResNetConfig& cfg, Rng& rng) {
+  const int64_t width = 64;
+  const int k = cfg.small_stem ? 3 : 7, s = cfg.small_stem ? 1 : 2;
+  auto& stem = register_module("conv1", std::make_unique<Conv2d>(cfg.in_channels, width, k, s, k / 2, rng));
+  stem.set_input_grad(false);
+  order_.push_back(&stem);
+  order_.push_back(&register_module("bn1", std::make_unique<BatchNorm2d>(width)));
+  order_.push_back(&register_module("relu", std::make_unique<ReLU>()));
+  if (!cfg.small_stem)
+    order_.push_back(&register_module("maxpool", std::make_unique<MaxPool2d>(PoolParams{3, 2, 1})));
+  int64_t in = width;
+  for (int stage = 0; stage < 4; ++stage) {
+    auto& layer = register_module("layer" + std::to_string(stage + 1), std::make_unique<Sequential>());
+    const int64_t planes = width << stage;
+    for (int b = 0; b < cfg.layers.at(stage); ++b) {
+      int stride = (stage > 0 && b == 0) ? 2 : 1;
+      auto& block = layer.add(std::make_unique<ResidualBlock>(cfg.bottleneck, in, planes, stride, rng));
+      if (cfg.zero_init_residual) block.last_bn().weight.value.zero_();
+      in = planes * ResidualBlock::expansion(cfg.bottleneck);
+    }
+    order_.push_back(&layer);
+  }
+  order_.push_back(&register_module("avgpool", std::make_unique<GlobalAvgPool>()));
+  order_.push_back(&register_module("fc", std::make_unique<Linear>(in, cfg.num_classes, rng)));
+}
+
+Tensor ResNet::forward(Tensor x) {
+  for (Module* m : order_) x = m->forward(std::move(x));
+  return x;
+}
+
+Tensor ResNet::backward(Tensor dy) {
+  for (auto it = order_.rbegin(); it != order_.rend(); ++it) dy = (*it)->backward(std::move(dy));
+  return dy;
+}
+
+}  // namespace dpt
