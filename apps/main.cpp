@@ -1,0 +1,143 @@
+// dptrain: the command line. Parses flags into library configs and maps errors to exit codes:
+// 0 success, 2 bad usage (with the usage line), 1 runtime failure (one line naming the reason).
+#include <CLI/CLI.hpp>
+#include <cstdio>
+#include <iostream>
+#include <nlohmann/json.hpp>
+
+#include "apps/trainer.h"
+#include "core/error.h"
+
+namespace {
+
+constexpr const char* kUsage =
+    "usage: dptrain train [--model resnet18|34|50|101|152] [--data fashion-mnist|synthetic] "
+    "[--devices cpu] [--batch-size N] [--epochs N] [--max-steps N] [--lr X] ... (dptrain --help)\n"
+    "       dptrain model --model NAME [--num-classes N] [--in-channels N] [--stem imagenet|small]";
+
+void add_model_flags(CLI::App& cmd, dpt::ArchSpec& arch) {
+  cmd.add_option("--model", arch.arch, "resnet18, resnet34, resnet50, resnet101 or resnet152")
+      ->capture_default_str();
+  cmd.add_option("--stem", arch.stem, "imagenet (7x7/2 conv + max pool) or small (3x3/1 conv)")
+      ->capture_default_str();
+  cmd.add_option("--num-classes", arch.num_classes, "classifier outputs (default: the dataset's)");
+  cmd.add_option("--in-channels,--channels", arch.in_channels,
+                 "input channels (default: the dataset's; synthetic: 3)");
+  cmd.add_flag("--zero-init-residual", arch.zero_init_residual,
+               "start each residual branch's last BatchNorm at zero");
+}
+
+int run(int argc, char** argv) {
+  CLI::App app{"dptrain: a C++ ResNet trainer with PyTorch DataParallel's naming"};
+  app.require_subcommand(1);
+  app.option_defaults()->multi_option_policy(CLI::MultiOptionPolicy::TakeLast);
+  app.set_version_flag("--version", "dptrain 0.1.0");
+
+  dpt::TrainConfig cfg;
+  cfg.arch.arch = "resnet152";
+  cfg.arch.stem = "small";
+  cfg.arch.num_classes = -1;  // -1: the dataset's
+  cfg.arch.in_channels = -1;
+  std::string devices = "cpu";
+  bool json = false;
+  auto* train = app.add_subcommand("train", "train a model and report test accuracy");
+  add_model_flags(*train, cfg.arch);
+  train->add_option("--data", cfg.data, "fashion-mnist or synthetic")->capture_default_str();
+  train->add_option("--data-dir", cfg.data_dir, "directory with the Fashion-MNIST IDX files")
+      ->capture_default_str();
+  train->add_option("--train-limit", cfg.train_limit, "use only the first N training samples");
+  train->add_option("--test-limit", cfg.test_limit, "use only the first N test samples");
+  train->add_option("--synthetic-size", cfg.synthetic_size, "samples in the synthetic dataset")
+      ->capture_default_str();
+  train->add_option("--image-size", cfg.image_size, "synthetic image side")->capture_default_str();
+  train->add_option("--devices", devices, "device list: cpu, cpu:1, cuda:0, ...")
+      ->capture_default_str();
+  train->add_option("--batch-size", cfg.batch_size, "samples per step")->capture_default_str();
+  train->add_option("--epochs", cfg.epochs, "passes over the training set")->capture_default_str();
+  train->add_option("--max-steps", cfg.max_steps, "stop after N steps");
+  train->add_option("--lr", cfg.lr, "peak learning rate")->capture_default_str();
+  train->add_option("--lr-schedule", cfg.lr_schedule, "constant, step or cosine (after warmup)")
+      ->capture_default_str();
+  train->add_option("--warmup-steps", cfg.warmup_steps, "linear warmup steps (default 5%, <=200)");
+  train->add_option("--lr-step-size", cfg.lr_step_size, "step schedule: decay every N steps")
+      ->capture_default_str();
+  train->add_option("--lr-gamma", cfg.lr_gamma, "step schedule: decay factor")
+      ->capture_default_str();
+  train->add_option("--momentum", cfg.momentum, "SGD momentum")->capture_default_str();
+  train->add_option("--weight-decay", cfg.weight_decay, "L2 penalty")->capture_default_str();
+  train->add_flag("--nesterov", cfg.nesterov, "Nesterov momentum");
+  train->add_flag("--augment", cfg.augment, "random crop + horizontal flip");
+  train->add_option("--seed", cfg.seed, "seed for weights, shuffling and augmentation")
+      ->capture_default_str();
+  train->add_option("--threads", cfg.threads, "CPU threads (0: all cores)")->capture_default_str();
+  train->add_option("--metrics", cfg.metrics_path, "write metrics to PATH (.jsonl or .csv) + .svg");
+  train->add_option("--log-every", cfg.log_every, "log a line every N steps (no terminal)");
+  train->add_flag("--json", json, "print one JSON object with the results on stdout");
+
+  dpt::ArchSpec show;
+  show.num_classes = 1000;
+  auto* model_cmd =
+      app.add_subcommand("model", "print a model's architecture description and size");
+  add_model_flags(*model_cmd, show);
+
+  const std::string first = argc > 1 ? argv[1] : "";
+  if (!first.empty() && first[0] != '-' && first != "train" && first != "model")
+    throw dpt::UsageError(std::string("unknown command '") + argv[1] +
+                          "': expected train or model");
+  try {
+    app.parse(argc, argv);
+  } catch (const CLI::CallForHelp& e) {
+    return app.exit(e);
+  } catch (const CLI::CallForVersion& e) {
+    return app.exit(e);
+  } catch (const CLI::ParseError& e) {
+    std::fprintf(stderr, "dptrain: error: %s\n%s\n", e.what(), kUsage);
+    return 2;
+  }
+
+  if (*model_cmd) {
+    auto m = dpt::make_model(show, 0);
+    nlohmann::json j{{"architecture", show.to_json()},
+                     {"parameters", m->num_parameters()},
+                     {"state_dict_entries", m->state_dict().size()}};
+    std::cout << j.dump(2) << std::endl;
+    return 0;
+  }
+  cfg.devices = dpt::parse_devices(devices);
+  dpt::TrainResult r = dpt::train(cfg);
+  std::fprintf(stderr, "done: %lld steps in %.1f s, train loss %.4f, %.1f img/s",
+               (long long)r.steps, r.seconds, r.train_loss, r.images_per_second);
+  if (r.test_accuracy >= 0) std::fprintf(stderr, ", test accuracy %.2f%%", 100 * r.test_accuracy);
+  std::fprintf(stderr, "\n");
+  if (!r.svg_path.empty()) std::fprintf(stderr, "learning curve: %s\n", r.svg_path.c_str());
+  if (json) {
+    nlohmann::json j{{"steps", r.steps},
+                     {"train_loss", r.train_loss},
+                     {"images_per_second", r.images_per_second},
+                     {"seconds", r.seconds},
+                     {"parameters", r.parameters}};
+    if (r.test_accuracy >= 0) {
+      j["test_accuracy"] = r.test_accuracy;
+      j["test_loss"] = r.test_loss;
+    }
+    std::cout << j.dump() << std::endl;
+  }
+  return 0;
+}
+
+}  // namespace
+
+int main(int argc, char** argv) {
+  try {
+    return run(argc, argv);
+  } catch (const dpt::UsageError& e) {
+    std::fprintf(stderr, "dptrain: error: %s\n%s\n", e.what(), kUsage);
+    return 2;
+  } catch (const dpt::ConfigError& e) {
+    std::fprintf(stderr, "dptrain: error: %s\n", e.what());
+    return 2;
+  } catch (const std::exception& e) {
+    std::fprintf(stderr, "dptrain: error: %s\n", e.what());
+    return 1;
+  }
+}

@@ -40,7 +40,8 @@ std::vector<Device> parse_devices(std::string_view list) {
   size_t start = 0;
   while (start <= list.size()) {
     size_t comma = list.find(',', start);
-    std::string_view item = list.substr(start, comma == std::string_view::npos ? list.npos : comma - start);
+    std::string_view item =
+        list.substr(start, comma == std::string_view::npos ? list.npos : comma - start);
     auto star = item.find('*');
     if (star != std::string_view::npos) {
       Device base = Device::parse(item.substr(0, star));
@@ -65,7 +66,8 @@ namespace dpt {
 
 bool device_available(const Device& d, std::string* why) {
   if (d.is_cpu()) return true;
-  if (why) *why = "device " + d.str() + " is unavailable: this build of dptrain has no CUDA backend";
+  if (why)
+    *why = "device " + d.str() + " is unavailable: this build of dptrain has no CUDA backend";
   return false;
 }
 

@@ -13,10 +13,14 @@ enum class DType : uint8_t { F32, F16, BF16, I64 };
 
 inline size_t dtype_size(DType t) {
   switch (t) {
-    case DType::F32: return 4;
-    case DType::F16: return 2;
-    case DType::BF16: return 2;
-    case DType::I64: return 8;
+    case DType::F32:
+      return 4;
+    case DType::F16:
+      return 2;
+    case DType::BF16:
+      return 2;
+    case DType::I64:
+      return 8;
   }
   return 0;
 }
@@ -39,7 +43,9 @@ inline uint16_t float_to_bf16(float f) {
   u += 0x7fffu + ((u >> 16) & 1u);
   return uint16_t(u >> 16);
 }
-inline float bf16_to_float(uint16_t h) { return bits_float(uint32_t(h) << 16); }
+inline float bf16_to_float(uint16_t h) {
+  return bits_float(uint32_t(h) << 16);
+}
 uint16_t float_to_f16(float f);
 float f16_to_float(uint16_t h);
 

@@ -59,11 +59,11 @@ template <typename E, typename... Args>
 }  // namespace dpt
 
 #define DPT_THROW(Kind, ...) ::dpt::detail::fail<::dpt::Kind>(__FILE__, __LINE__, __VA_ARGS__)
-#define DPT_CHECK(cond, Kind, ...) \
-  do {                             \
+#define DPT_CHECK(cond, Kind, ...)             \
+  do {                                         \
     if (!(cond)) DPT_THROW(Kind, __VA_ARGS__); \
   } while (0)
-#define DPT_ASSERT(cond, ...)                                                             \
-  do {                                                                                    \
+#define DPT_ASSERT(cond, ...)                                                                   \
+  do {                                                                                          \
     if (!(cond)) DPT_THROW(InternalError, "internal error: ", #cond, " failed. ", __VA_ARGS__); \
   } while (0)

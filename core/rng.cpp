@@ -31,9 +31,13 @@ uint32_t Rng::next_u32() {
   return block_[s_.offset++ % 4];
 }
 
-float Rng::uniform() { return float(next_u32() >> 8) * (1.0f / 16777216.0f); }
+float Rng::uniform() {
+  return float(next_u32() >> 8) * (1.0f / 16777216.0f);
+}
 
-float Rng::uniform(float lo, float hi) { return lo + (hi - lo) * uniform(); }
+float Rng::uniform(float lo, float hi) {
+  return lo + (hi - lo) * uniform();
+}
 
 float Rng::normal() {
   // Two uniforms per value keeps the stream position independent of any cached second value.

@@ -25,10 +25,10 @@ class Rng {
   const RngState& state() const { return s_; }
 
   uint32_t next_u32();
-  float uniform();                   // [0, 1)
+  float uniform();                    // [0, 1)
   float uniform(float lo, float hi);  // [lo, hi)
-  float normal();                    // standard normal (Box-Muller)
-  uint64_t below(uint64_t n);        // uniform integer in [0, n), unbiased
+  float normal();                     // standard normal (Box-Muller)
+  uint64_t below(uint64_t n);         // uniform integer in [0, n), unbiased
 
  private:
   RngState s_;

@@ -37,7 +37,9 @@ void* device_alloc(const Device& d, size_t bytes) {
   return p;
 }
 
-void device_free(const Device&, void* p, size_t) noexcept { std::free(p); }
+void device_free(const Device&, void* p, size_t) noexcept {
+  std::free(p);
+}
 
 void device_copy(const Device& dst_dev, void* dst, const Device& src_dev, const void* src,
                  size_t bytes) {
@@ -53,7 +55,9 @@ void device_zero(const Device& d, void* p, size_t bytes) {
 
 Storage::Storage(const Device& d, size_t bytes)
     : device_(d), bytes_(bytes), data_(device_alloc(d, bytes)) {}
-Storage::~Storage() { device_free(device_, data_, bytes_); }
+Storage::~Storage() {
+  device_free(device_, data_, bytes_);
+}
 
 Tensor::Tensor(Shape shape, DType dtype, Device device)
     : shape_(std::move(shape)), numel_(shape_numel(shape_)), dtype_(dtype) {
@@ -86,7 +90,9 @@ const Device& Tensor::device() const {
   return storage_ ? storage_->device() : kCpu;
 }
 
-Tensor Tensor::clone() const { return to(device()); }
+Tensor Tensor::clone() const {
+  return to(device());
+}
 
 Tensor Tensor::share() const {
   Tensor t;
@@ -119,24 +125,34 @@ Tensor Tensor::to(DType target) const {
   Tensor t(shape_, target, Device::cpu());
   for (int64_t i = 0; i < numel_; ++i) {
     switch (target) {
-      case DType::F32: t.data<float>()[i] = v[i]; break;
-      case DType::F16: t.data<uint16_t>()[i] = float_to_f16(v[i]); break;
-      case DType::BF16: t.data<uint16_t>()[i] = float_to_bf16(v[i]); break;
-      case DType::I64: t.data<int64_t>()[i] = int64_t(v[i]); break;
+      case DType::F32:
+        t.data<float>()[i] = v[i];
+        break;
+      case DType::F16:
+        t.data<uint16_t>()[i] = float_to_f16(v[i]);
+        break;
+      case DType::BF16:
+        t.data<uint16_t>()[i] = float_to_bf16(v[i]);
+        break;
+      case DType::I64:
+        t.data<int64_t>()[i] = int64_t(v[i]);
+        break;
     }
   }
   return t;
 }
 
 void Tensor::copy_from(const Tensor& src) {
-  DPT_CHECK(src.shape_ == shape_ && src.dtype_ == dtype_, ConfigError, "copy_from: ",
-            shape_str(src.shape_), " ", dtype_name(src.dtype_), " into ", shape_str(shape_), " ",
-            dtype_name(dtype_));
+  DPT_CHECK(src.shape_ == shape_ && src.dtype_ == dtype_, ConfigError,
+            "copy_from: ", shape_str(src.shape_), " ", dtype_name(src.dtype_), " into ",
+            shape_str(shape_), " ", dtype_name(dtype_));
   if (src.raw() == raw()) return;
   device_copy(device(), raw(), src.device(), src.raw(), nbytes());
 }
 
-void Tensor::zero_() { device_zero(device(), raw(), nbytes()); }
+void Tensor::zero_() {
+  device_zero(device(), raw(), nbytes());
+}
 
 void Tensor::check_type(DType t) const {
   DPT_ASSERT(dtype_ == t, "tensor of dtype ", dtype_name(dtype_), " accessed as ", dtype_name(t));
@@ -152,10 +168,18 @@ std::vector<float> Tensor::to_vector() const {
   std::vector<float> v(static_cast<size_t>(numel_));
   for (int64_t i = 0; i < numel_; ++i) {
     switch (dtype_) {
-      case DType::F32: v[i] = data<float>()[i]; break;
-      case DType::F16: v[i] = f16_to_float(data<uint16_t>()[i]); break;
-      case DType::BF16: v[i] = bf16_to_float(data<uint16_t>()[i]); break;
-      case DType::I64: v[i] = float(data<int64_t>()[i]); break;
+      case DType::F32:
+        v[i] = data<float>()[i];
+        break;
+      case DType::F16:
+        v[i] = f16_to_float(data<uint16_t>()[i]);
+        break;
+      case DType::BF16:
+        v[i] = bf16_to_float(data<uint16_t>()[i]);
+        break;
+      case DType::I64:
+        v[i] = float(data<int64_t>()[i]);
+        break;
     }
   }
   return v;

@@ -80,9 +80,12 @@ class Tensor {
   void* raw() const { return storage_ ? storage_->data() : nullptr; }
   template <typename T>
   T* data() const {
-    if constexpr (std::is_same_v<T, float>) check_type(DType::F32);
-    else if constexpr (std::is_same_v<T, int64_t>) check_type(DType::I64);
-    else static_assert(std::is_same_v<T, uint16_t>, "float, int64_t or uint16_t");
+    if constexpr (std::is_same_v<T, float>)
+      check_type(DType::F32);
+    else if constexpr (std::is_same_v<T, int64_t>)
+      check_type(DType::I64);
+    else
+      static_assert(std::is_same_v<T, uint16_t>, "float, int64_t or uint16_t");
     if constexpr (std::is_same_v<T, uint16_t>)
       DPT_ASSERT(dtype_ == DType::F16 || dtype_ == DType::BF16, "tensor is not 16-bit");
     return static_cast<T*>(raw());

@@ -45,8 +45,8 @@ struct Augment {
 };
 
 struct Batch {
-  Tensor images;  // [B, C, H, W] float32, normalised
-  Tensor labels;  // [B] int64
+  Tensor images;      // [B, C, H, W] float32, normalised
+  Tensor labels;      // [B] int64
   int64_t index = 0;  // batch index within the epoch
 };
 

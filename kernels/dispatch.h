@@ -13,10 +13,10 @@ namespace dpt::detail {
 }  // namespace dpt::detail
 
 #ifdef DPTRAIN_WITH_CUDA
-#define DPT_ON_DEVICE(dev, fn, ...)                   \
-  do {                                                \
-    if ((dev).is_cpu()) return cpu::fn(__VA_ARGS__);  \
-    return cuda::fn(__VA_ARGS__);                     \
+#define DPT_ON_DEVICE(dev, fn, ...)                  \
+  do {                                               \
+    if ((dev).is_cpu()) return cpu::fn(__VA_ARGS__); \
+    return cuda::fn(__VA_ARGS__);                    \
   } while (0)
 #else
 #define DPT_ON_DEVICE(dev, fn, ...)                  \

@@ -30,13 +30,21 @@ void scale_(Tensor& x, float a);
 void axpy_(Tensor& y, float a, const Tensor& x);
 }  // namespace cuda
 
-inline void relu_(Tensor& x) { DPT_ON_DEVICE(x.device(), relu_, x); }
+inline void relu_(Tensor& x) {
+  DPT_ON_DEVICE(x.device(), relu_, x);
+}
 inline void relu_backward_(Tensor& g, const Tensor& y) {
   DPT_ON_DEVICE(g.device(), relu_backward_, g, y);
 }
-inline void add_(Tensor& y, const Tensor& x) { DPT_ON_DEVICE(y.device(), add_, y, x); }
-inline void add_relu_(Tensor& y, const Tensor& x) { DPT_ON_DEVICE(y.device(), add_relu_, y, x); }
-inline void scale_(Tensor& x, float a) { DPT_ON_DEVICE(x.device(), scale_, x, a); }
+inline void add_(Tensor& y, const Tensor& x) {
+  DPT_ON_DEVICE(y.device(), add_, y, x);
+}
+inline void add_relu_(Tensor& y, const Tensor& x) {
+  DPT_ON_DEVICE(y.device(), add_relu_, y, x);
+}
+inline void scale_(Tensor& x, float a) {
+  DPT_ON_DEVICE(x.device(), scale_, x, a);
+}
 inline void axpy_(Tensor& y, float a, const Tensor& x) {
   DPT_ON_DEVICE(y.device(), axpy_, y, a, x);
 }

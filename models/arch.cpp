@@ -38,8 +38,12 @@ void ArchSpec::validate() const {
 }
 
 nlohmann::json ArchSpec::to_json() const {
-  return {{"format", "dptrain-arch"}, {"version", 1},          {"arch", arch},
-          {"num_classes", num_classes}, {"in_channels", in_channels}, {"stem", stem},
+  return {{"format", "dptrain-arch"},
+          {"version", 1},
+          {"arch", arch},
+          {"num_classes", num_classes},
+          {"in_channels", in_channels},
+          {"stem", stem},
           {"zero_init_residual", zero_init_residual}};
 }
 
@@ -49,9 +53,8 @@ ArchSpec ArchSpec::from_json(const nlohmann::json& j) {
     DPT_CHECK(j.contains(key), ConfigError, "architecture description lacks '", key, "'");
     return j.at(key);
   };
-  DPT_CHECK(field("format") == "dptrain-arch", ConfigError,
-            "architecture description has format ", field("format").dump(),
-            ", expected \"dptrain-arch\"");
+  DPT_CHECK(field("format") == "dptrain-arch", ConfigError, "architecture description has format ",
+            field("format").dump(), ", expected \"dptrain-arch\"");
   DPT_CHECK(field("version") == 1, ConfigError, "architecture description version ",
             field("version").dump(), " is not supported by this dptrain (reads version 1)");
   ArchSpec s;

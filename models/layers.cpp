@@ -149,7 +149,8 @@ Tensor GlobalAvgPool::backward(Tensor dy) {
 }
 
 Linear::Linear(int64_t in, int64_t out, Rng& rng)
-    : weight(register_parameter("weight", uniform_tensor({out, in}, 1.0f / std::sqrt(float(in)), rng))),
+    : weight(register_parameter("weight",
+                                uniform_tensor({out, in}, 1.0f / std::sqrt(float(in)), rng))),
       bias(register_parameter("bias", uniform_tensor({out}, 1.0f / std::sqrt(float(in)), rng))) {}
 
 Tensor Linear::forward(Tensor x) {

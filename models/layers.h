@@ -63,7 +63,7 @@ class BatchNorm2d : public Module {
 class ReLU : public Module {
  public:
   std::string kind() const override { return "ReLU"; }
-  Tensor forward(Tensor x) override;   // in place
+  Tensor forward(Tensor x) override;    // in place
   Tensor backward(Tensor dy) override;  // in place on dy
   void release() override { y_ = Tensor(); }
 

@@ -39,7 +39,8 @@ Tensor& Module::register_buffer(const std::string& name, Tensor value) {
   return *buffers_.back().second;
 }
 
-std::vector<std::pair<std::string, Parameter*>> Module::named_parameters(const std::string& prefix) {
+std::vector<std::pair<std::string, Parameter*>> Module::named_parameters(
+    const std::string& prefix) {
   std::vector<std::pair<std::string, Parameter*>> out;
   for (auto& [name, m] : named_modules(prefix)) {
     std::string dot = name.empty() ? "" : name + ".";

@@ -19,8 +19,10 @@ float LrSchedule::lr_at(int64_t step) const {
   if (step < warmup_steps) return base_lr * float(step + 1) / float(warmup_steps);
   const int64_t t = step - warmup_steps;
   switch (kind) {
-    case Kind::Constant: return base_lr;
-    case Kind::Step: return base_lr * std::pow(gamma, float(t / std::max<int64_t>(step_size, 1)));
+    case Kind::Constant:
+      return base_lr;
+    case Kind::Step:
+      return base_lr * std::pow(gamma, float(t / std::max<int64_t>(step_size, 1)));
     case Kind::Cosine: {
       const int64_t span = std::max<int64_t>(total_steps - warmup_steps, 1);
       const double frac = std::min(1.0, double(t) / double(span));

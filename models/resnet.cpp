@@ -60,7 +60,6 @@ Tensor ResidualBlock::backward(Tensor dy) {
     add_(g, downsample_->backward(std::move(dy)));
   else
     add_(g, dy);
-  relu_out_.clear();
   release();
   return g;
 }
@@ -68,7 +67,8 @@ Tensor ResidualBlock::backward(Tensor dy) {
 ResNet::ResNet(const ResNetConfig& cfg, Rng& rng) {
   const int64_t width = 64;
   const int k = cfg.small_stem ? 3 : 7, s = cfg.small_stem ? 1 : 2;
-  auto& stem = register_module("conv1", std::make_unique<Conv2d>(cfg.in_channels, width, k, s, k / 2, rng));
+  auto& stem =
+      register_module("conv1", std::make_unique<Conv2d>(cfg.in_channels, width, k, s, k / 2, rng));
   stem.set_input_grad(false);
   order_.push_back(&stem);
   order_.push_back(&register_module("bn1", std::make_unique<BatchNorm2d>(width)));
@@ -77,11 +77,13 @@ ResNet::ResNet(const ResNetConfig& cfg, Rng& rng) {
     order_.push_back(&register_module("maxpool", std::make_unique<MaxPool2d>(PoolParams{3, 2, 1})));
   int64_t in = width;
   for (int stage = 0; stage < 4; ++stage) {
-    auto& layer = register_module("layer" + std::to_string(stage + 1), std::make_unique<Sequential>());
+    auto& layer =
+        register_module("layer" + std::to_string(stage + 1), std::make_unique<Sequential>());
     const int64_t planes = width << stage;
     for (int b = 0; b < cfg.layers.at(stage); ++b) {
       int stride = (stage > 0 && b == 0) ? 2 : 1;
-      auto& block = layer.add(std::make_unique<ResidualBlock>(cfg.bottleneck, in, planes, stride, rng));
+      auto& block =
+          layer.add(std::make_unique<ResidualBlock>(cfg.bottleneck, in, planes, stride, rng));
       if (cfg.zero_init_residual) block.last_bn().weight.value.zero_();
       in = planes * ResidualBlock::expansion(cfg.bottleneck);
     }

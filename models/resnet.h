@@ -17,7 +17,10 @@ class ResidualBlock : public Module {
   std::string kind() const override { return bottleneck_ ? "Bottleneck" : "BasicBlock"; }
   Tensor forward(Tensor x) override;
   Tensor backward(Tensor dy) override;
-  void release() override { y_ = Tensor(); }
+  void release() override {
+    y_ = Tensor();
+    relu_out_.clear();
+  }
   BatchNorm2d& last_bn() { return *bns_.back(); }
   static int64_t expansion(bool bottleneck) { return bottleneck ? 4 : 1; }
 

@@ -10,10 +10,10 @@ namespace dpt::cpu {
 float softmax_cross_entropy(const Tensor& logits, const Tensor& targets, Tensor* dlogits,
                             float scale, int64_t* correct) {
   check_f32_cpu(logits, "logits");
-  DPT_ASSERT(logits.ndim() == 2 && targets.dtype() == DType::I64 &&
-                 targets.numel() == logits.dim(0),
-             "cross entropy: logits ", shape_str(logits.shape()), " vs targets ",
-             shape_str(targets.shape()));
+  DPT_ASSERT(
+      logits.ndim() == 2 && targets.dtype() == DType::I64 && targets.numel() == logits.dim(0),
+      "cross entropy: logits ", shape_str(logits.shape()), " vs targets ",
+      shape_str(targets.shape()));
   const int64_t N = logits.dim(0), K = logits.dim(1);
   const float* z = logits.data<float>();
   const int64_t* t = targets.data<int64_t>();

@@ -1,0 +1,56 @@
+// The training loop behind `dptrain train`: data, model, SGD with a warmup + decay schedule,
+// progress output, metrics and test-set evaluation. It knows nothing of the command line.
+#pragma once
+
+#include <cstdint>
+#include <string>
+#include <vector>
+
+#include "core/device.h"
+#include "models/arch.h"
+
+namespace dpt {
+
+struct TrainConfig {
+  ArchSpec arch;                       // num_classes / in_channels == -1: taken from the dataset
+  std::string data = "fashion-mnist";  // fashion-mnist | synthetic
+  std::string data_dir = "/usr/share/datasets/fashion-mnist";
+  int64_t train_limit = -1;  // use only the first N training samples (-1: all)
+  int64_t test_limit = -1;
+  int64_t synthetic_size = 2048;
+  int64_t image_size = 32;  // synthetic only
+  std::vector<Device> devices{Device::cpu()};
+  int64_t batch_size = 128;
+  int64_t epochs = 1;
+  int64_t max_steps = -1;  // stop after this many steps (-1: run all epochs)
+  float lr = 0.1f;
+  std::string lr_schedule = "cosine";
+  int64_t warmup_steps = -1;    // -1: 5% of the steps, at most 200
+  int64_t lr_step_size = 1000;  // step schedule
+  float lr_gamma = 0.1f;
+  float momentum = 0.9f;
+  float weight_decay = 5e-4f;
+  bool nesterov = false;
+  bool augment = false;  // random crop (pad 2 on 28x28, 4 otherwise) + horizontal flip
+  uint64_t seed = 0;
+  int threads = 0;           // 0: all cores
+  std::string metrics_path;  // .jsonl or .csv; an .svg learning curve is written beside it
+  int64_t log_every = 0;     // 0: about 20 lines per run when not on a terminal
+  bool progress_bar = true;  // on a terminal only
+};
+
+struct TrainResult {
+  int64_t steps = 0;
+  double train_loss = 0;  // mean over the last 10% of steps (at least the last step)
+  double test_loss = -1;  // -1 when there is no test set
+  double test_accuracy = -1;
+  double images_per_second = 0;  // steady state, warm-up steps excluded
+  double seconds = 0;            // whole run, evaluation included
+  int64_t parameters = 0;
+  std::string svg_path;
+};
+
+// Throws UsageError for bad settings, FileError for data problems, NumericError on NaN loss.
+TrainResult train(TrainConfig cfg);
+
+}  // namespace dpt

@@ -1,0 +1,211 @@
+// models/: torchvision naming and order, state_dict loading rules, initialisation distributions,
+// the architecture description, train/eval and device moves.
+#include <gtest/gtest.h>
+
+#include <cmath>
+
+#include "models/arch.h"
+#include "models/optimizer.h"
+#include "models/resnet.h"
+
+using namespace dpt;
+
+namespace {
+std::unique_ptr<Module> model(const std::string& arch, int64_t classes = 10,
+                              const std::string& stem = "imagenet") {
+  ArchSpec s;
+  s.arch = arch;
+  s.num_classes = classes;
+  s.stem = stem;
+  return make_model(s, 1);
+}
+}  // namespace
+
+TEST(Models, TorchvisionNamesAndOrder) {
+  auto m = model("resnet50");
+  StateDict sd = m->state_dict();
+  std::vector<std::string> first;
+  for (size_t i = 0; i < 8; ++i) first.push_back(sd.entries[i].first);
+  EXPECT_EQ(first,
+            (std::vector<std::string>{"conv1.weight", "bn1.weight", "bn1.bias", "bn1.running_mean",
+                                      "bn1.running_var", "bn1.num_batches_tracked",
+                                      "layer1.0.conv1.weight", "layer1.0.bn1.weight"}));
+  EXPECT_TRUE(sd.find("layer1.0.downsample.0.weight"));
+  EXPECT_TRUE(sd.find("layer1.0.downsample.1.running_var"));
+  EXPECT_TRUE(sd.find("layer4.2.bn3.weight"));
+  EXPECT_FALSE(sd.find("layer1.1.downsample.0.weight"));
+  EXPECT_EQ(sd.entries[sd.size() - 2].first, "fc.weight");
+  EXPECT_EQ(sd.entries.back().first, "fc.bias");
+  EXPECT_EQ(sd.find("fc.weight")->shape(), Shape({10, 2048}));
+  EXPECT_EQ(sd.find("layer2.0.conv2.weight")->shape(), Shape({128, 128, 3, 3}));
+  EXPECT_EQ(sd.find("bn1.num_batches_tracked")->dtype(), DType::I64);
+  EXPECT_EQ(sd.find("bn1.num_batches_tracked")->ndim(), 0);
+  // named_parameters excludes buffers and keeps module order.
+  auto params = m->named_parameters();
+  EXPECT_EQ(params.front().first, "conv1.weight");
+  EXPECT_EQ(params[1].first, "bn1.weight");
+  EXPECT_EQ(params.back().first, "fc.bias");
+  EXPECT_EQ(m->named_buffers().size() * 1 + params.size(), sd.size());
+  auto r18 = model("resnet18");
+  EXPECT_TRUE(r18->state_dict().find("layer4.1.bn2.running_mean"));
+  EXPECT_FALSE(r18->state_dict().find("layer4.1.conv3.weight"));
+}
+
+TEST(Models, StemsAndInChannels) {
+  ArchSpec s;
+  s.arch = "resnet18";
+  s.in_channels = 1;
+  s.stem = "small";
+  auto m = make_model(s, 0);
+  EXPECT_EQ(m->state_dict().find("conv1.weight")->shape(), Shape({64, 1, 3, 3}));
+  m->eval();
+  Tensor y = m->forward(Tensor::zeros({2, 1, 28, 28}));
+  EXPECT_EQ(y.shape(), Shape({2, 1000}));
+  auto big = model("resnet18");
+  EXPECT_EQ(big->state_dict().find("conv1.weight")->shape(), Shape({64, 3, 7, 7}));
+}
+
+TEST(Models, LoadStateDictReportsMismatches) {
+  auto a = model("resnet18"), b = model("resnet18");
+  StateDict sd = a->state_dict();
+  b->load_state_dict(sd);
+  EXPECT_EQ(relative_error(*b->state_dict().find("fc.weight"), *sd.find("fc.weight")), 0.0);
+  EXPECT_FALSE(b->state_dict().find("fc.weight")->same_storage(*sd.find("fc.weight")));
+
+  StateDict partial;
+  for (auto& [k, v] : sd.entries)
+    if (k != "fc.bias") partial.entries.emplace_back(k, v.share());
+  partial.entries.emplace_back("extra.weight", Tensor::zeros({1}));
+  EXPECT_THROW(b->load_state_dict(partial, true), ConfigError);
+  LoadReport rep = b->load_state_dict(partial, false);
+  EXPECT_EQ(rep.missing, std::vector<std::string>{"fc.bias"});
+  EXPECT_EQ(rep.unexpected, std::vector<std::string>{"extra.weight"});
+
+  auto c = model("resnet18", 7);
+  EXPECT_THROW(c->load_state_dict(sd, false), ConfigError);  // fc shape differs: always an error
+}
+
+TEST(Models, InitialisationDistributions) {
+  auto m = model("resnet50");
+  auto sd = m->state_dict();
+  // kaiming_normal(fan_out, relu): std = sqrt(2 / (out * k * k)).
+  const Tensor& w = *sd.find("layer3.0.conv2.weight");  // [256, 256, 3, 3]
+  double s = 0, q = 0;
+  for (float v : w.to_vector()) s += v, q += double(v) * v;
+  const double n = double(w.numel()), expect = std::sqrt(2.0 / (256 * 9));
+  EXPECT_NEAR(s / n, 0.0, 0.05 * expect);
+  EXPECT_NEAR(std::sqrt(q / n), expect, 0.02 * expect);
+  // Linear: U(-1/sqrt(in), 1/sqrt(in)).
+  float bound = 1.0f / std::sqrt(2048.0f), mx = 0;
+  for (float v : sd.find("fc.weight")->to_vector()) mx = std::max(mx, std::abs(v));
+  EXPECT_LE(mx, bound);
+  EXPECT_GT(mx, 0.95f * bound);
+  EXPECT_EQ(sd.find("bn1.weight")->at(3), 1.0f);
+  EXPECT_EQ(sd.find("bn1.running_var")->at(0), 1.0f);
+  // Same seed, same weights; different seed, different weights.
+  EXPECT_EQ(
+      relative_error(*model("resnet50")->state_dict().find("fc.weight"), *sd.find("fc.weight")),
+      0.0);
+  ArchSpec s2;
+  s2.arch = "resnet50";
+  s2.num_classes = 10;
+  EXPECT_GT(
+      relative_error(*make_model(s2, 2)->state_dict().find("fc.weight"), *sd.find("fc.weight")),
+      0.1);
+}
+
+TEST(Models, ZeroInitResidual) {
+  ArchSpec s;
+  s.arch = "resnet50";
+  s.zero_init_residual = true;
+  auto m = make_model(s, 0);
+  EXPECT_EQ(m->state_dict().find("layer2.1.bn3.weight")->at(5), 0.0f);
+  EXPECT_EQ(m->state_dict().find("layer2.1.bn2.weight")->at(5), 1.0f);
+  s.arch = "resnet18";
+  auto b = make_model(s, 0);
+  EXPECT_EQ(b->state_dict().find("layer1.0.bn2.weight")->at(0), 0.0f);
+}
+
+TEST(Models, ArchJsonRoundTripAndValidation) {
+  ArchSpec s;
+  s.arch = "resnet152";
+  s.num_classes = 10;
+  s.in_channels = 1;
+  s.stem = "small";
+  ArchSpec t = ArchSpec::from_json(nlohmann::json::parse(s.to_json().dump()));
+  EXPECT_EQ(t.to_json(), s.to_json());
+  auto bad = [&](const char* key, nlohmann::json v) {
+    nlohmann::json j = s.to_json();
+    j[key] = v;
+    EXPECT_THROW(ArchSpec::from_json(j), ConfigError) << key << "=" << v.dump();
+  };
+  bad("arch", "resnet9000");
+  bad("num_classes", 0);
+  bad("num_classes", int64_t(1) << 40);
+  bad("in_channels", -3);
+  bad("stem", "huge");
+  bad("version", 2);
+  bad("format", "other");
+  bad("num_classes", "ten");
+  nlohmann::json j = s.to_json();
+  j.erase("stem");
+  EXPECT_THROW(ArchSpec::from_json(j), ConfigError);
+  EXPECT_THROW(ArchSpec::from_json(nlohmann::json::array()), ConfigError);
+}
+
+TEST(Models, TrainEvalAndDeviceMove) {
+  auto m = model("resnet18", 4, "small");
+  m->eval();
+  for (auto& [n, sub] : m->named_modules()) EXPECT_FALSE(sub->is_training()) << n;
+  Tensor x = Tensor::full({2, 3, 8, 8}, 0.5f);
+  Tensor y1 = m->forward(x.clone());
+  Tensor y2 = m->forward(x.clone());
+  EXPECT_EQ(relative_error(y1, y2), 0.0);  // eval mode: running statistics, no updates
+  m->train();
+  m->forward(x.clone());
+  EXPECT_EQ(m->state_dict().find("bn1.num_batches_tracked")->data<int64_t>()[0], 1);
+  m->to(Device::cpu(1));
+  EXPECT_EQ(m->device(), Device::cpu(1));
+  EXPECT_EQ(m->state_dict().find("layer1.0.bn1.running_mean")->device(), Device::cpu(1));
+}
+
+TEST(Optimizer, SgdMatchesPyTorchRule) {
+  // One scalar parameter through three steps of torch.optim.SGD(lr=.1, momentum=.9, wd=.01).
+  Rng rng(0);
+  Linear fc(1, 1, rng);
+  fc.weight.value.data<float>()[0] = 1.0f;
+  Sgd opt(SgdParams{0.1f, 0.9f, 0.0f, 0.01f, false});
+  double p = 1.0, buf = 0;
+  for (int step = 0; step < 3; ++step) {
+    fc.weight.grad.data<float>()[0] = 0.5f;
+    opt.step(fc);
+    double g = 0.5 + 0.01 * p;
+    buf = step == 0 ? g : 0.9 * buf + g;
+    p -= 0.1 * buf;
+    EXPECT_NEAR(fc.weight.value.at(0), p, 1e-6);
+  }
+  SgdParams nest{0.1f, 0.9f, 0.0f, 0.0f, true};
+  Sgd n(nest);
+  fc.weight.value.data<float>()[0] = 1.0f;
+  fc.weight.grad.data<float>()[0] = 1.0f;
+  n.step(fc);  // buf = 1, g = 1 + 0.9 * 1
+  EXPECT_NEAR(fc.weight.value.at(0), 1.0 - 0.1 * 1.9, 1e-6);
+}
+
+TEST(Optimizer, LrSchedules) {
+  LrSchedule s;
+  s.base_lr = 0.4f;
+  s.warmup_steps = 4;
+  s.total_steps = 104;
+  s.kind = LrSchedule::Kind::Cosine;
+  EXPECT_FLOAT_EQ(s.lr_at(0), 0.1f);
+  EXPECT_FLOAT_EQ(s.lr_at(3), 0.4f);
+  EXPECT_FLOAT_EQ(s.lr_at(4), 0.4f);
+  EXPECT_NEAR(s.lr_at(54), 0.2f, 1e-6);
+  EXPECT_NEAR(s.lr_at(104), 0.0f, 1e-6);
+  s.kind = LrSchedule::Kind::Step;
+  s.step_size = 10;
+  EXPECT_FLOAT_EQ(s.lr_at(13), 0.4f);
+  EXPECT_NEAR(s.lr_at(14), 0.04f, 1e-7);
+  EXPECT_THROW(LrSchedule::parse("linear"), UsageError);
+}
