@@ -1,6 +1,8 @@
 // dptrain: the command line. Parses flags into library configs and maps errors to exit codes:
 // 0 success, 2 bad usage (with the usage line), 1 runtime failure (one line naming the reason).
+#include <malloc.h>
 #include <CLI/CLI.hpp>
+
 #include <cstdio>
 #include <iostream>
 #include <nlohmann/json.hpp>
@@ -128,6 +130,10 @@ int run(int argc, char** argv) {
 }  // namespace
 
 int main(int argc, char** argv) {
+  // Activations are allocated and freed every step: keep freed blocks up to 32 MiB (glibc's
+  // maximum) in the heap instead of returning them to the kernel, which costs page faults.
+  mallopt(M_MMAP_THRESHOLD, 32 << 20);
+  mallopt(M_TRIM_THRESHOLD, 512 << 20);
   try {
     return run(argc, argv);
   } catch (const dpt::UsageError& e) {

@@ -29,6 +29,9 @@ class Rng {
   float uniform(float lo, float hi);  // [lo, hi)
   float normal();                     // standard normal (Box-Muller)
   uint64_t below(uint64_t n);         // uniform integer in [0, n), unbiased
+  // Skips n 32-bit values: normal() uses 2, uniform() 1, so a parallel fill can give every thread
+  // its own Rng at the right offset and still produce the serial sequence.
+  void advance(uint64_t n) { s_.offset += n; }
 
  private:
   RngState s_;
