@@ -64,6 +64,11 @@ class Progress {
   Clock::time_point last_{};
 };
 
+// The batch itself when it already lives on dev, else a copy there.
+Tensor on_device(const Tensor& t, const Device& dev) {
+  return t.device() == dev ? t.share() : t.to(dev);
+}
+
 struct EvalResult {
   double loss = 0, accuracy = 0;
 };
@@ -82,9 +87,9 @@ EvalResult evaluate(Module& model, const Dataset& test, const LoaderOptions& bas
   double loss = 0;
   int64_t correct = 0, seen = 0;
   while (loader.next(b)) {
-    Tensor logits = model.forward(b.images.to(dev));
+    Tensor logits = model.forward(on_device(b.images, dev));
     int64_t hits = 0;
-    Tensor labels = b.labels.to(dev);
+    Tensor labels = on_device(b.labels, dev);
     loss += double(softmax_cross_entropy(logits, labels, nullptr, 1.0f, &hits)) *
             double(b.labels.numel());
     correct += hits;
@@ -205,10 +210,10 @@ TrainResult train(TrainConfig cfg) {
       const float lr = sched.lr_at(step);
       opt.set_lr(lr);
       model->zero_grad();
-      Tensor logits = model->forward(batch.images.to(dev));
+      Tensor logits = model->forward(on_device(batch.images, dev));
       if (!dlogits.defined() || dlogits.shape() != logits.shape())
         dlogits = Tensor(logits.shape(), DType::F32, dev);
-      Tensor labels = batch.labels.to(dev);
+      Tensor labels = on_device(batch.labels, dev);
       const float loss = softmax_cross_entropy(logits, labels, &dlogits);
       DPT_CHECK(std::isfinite(loss), NumericError, "loss became ", loss, " at step ", step + 1,
                 ": training diverged; lower --lr (now ", cfg.lr, ") or raise --warmup-steps");

@@ -181,13 +181,13 @@ Tensor Linear::backward(Tensor dy) {
   return dx;
 }
 
-Tensor Sequential::forward(Tensor x) {
-  for (Module* m : order_) x = m->forward(std::move(x));
+Tensor forward_chain(const std::vector<Module*>& chain, Tensor x) {
+  for (Module* m : chain) x = m->forward(std::move(x));
   return x;
 }
 
-Tensor Sequential::backward(Tensor dy) {
-  for (auto it = order_.rbegin(); it != order_.rend(); ++it) dy = (*it)->backward(std::move(dy));
+Tensor backward_chain(const std::vector<Module*>& chain, Tensor dy) {
+  for (auto it = chain.rbegin(); it != chain.rend(); ++it) dy = (*it)->backward(std::move(dy));
   return dy;
 }
 

@@ -111,6 +111,10 @@ class Linear : public Module {
   Tensor x_;
 };
 
+// Runs modules in order (forward) or in reverse order (backward).
+Tensor forward_chain(const std::vector<Module*>& chain, Tensor x);
+Tensor backward_chain(const std::vector<Module*>& chain, Tensor dy);
+
 // Children named "0", "1", ... run in order.
 class Sequential : public Module {
  public:
@@ -121,8 +125,8 @@ class Sequential : public Module {
     order_.push_back(&ref);
     return ref;
   }
-  Tensor forward(Tensor x) override;
-  Tensor backward(Tensor dy) override;
+  Tensor forward(Tensor x) override { return forward_chain(order_, std::move(x)); }
+  Tensor backward(Tensor dy) override { return backward_chain(order_, std::move(dy)); }
   size_t size() const { return order_.size(); }
 
  private:

@@ -93,14 +93,4 @@ ResNet::ResNet(const ResNetConfig& cfg, Rng& rng) {
   order_.push_back(&register_module("fc", std::make_unique<Linear>(in, cfg.num_classes, rng)));
 }
 
-Tensor ResNet::forward(Tensor x) {
-  for (Module* m : order_) x = m->forward(std::move(x));
-  return x;
-}
-
-Tensor ResNet::backward(Tensor dy) {
-  for (auto it = order_.rbegin(); it != order_.rend(); ++it) dy = (*it)->backward(std::move(dy));
-  return dy;
-}
-
 }  // namespace dpt

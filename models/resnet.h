@@ -46,8 +46,8 @@ class ResNet : public Module {
  public:
   ResNet(const ResNetConfig& cfg, Rng& rng);
   std::string kind() const override { return "ResNet"; }
-  Tensor forward(Tensor x) override;
-  Tensor backward(Tensor dy) override;
+  Tensor forward(Tensor x) override { return forward_chain(order_, std::move(x)); }
+  Tensor backward(Tensor dy) override { return backward_chain(order_, std::move(dy)); }
 
  private:
   std::vector<Module*> order_;

@@ -117,3 +117,18 @@ TEST(Cli, JsonSummaryAndMetricsFiles) {
   EXPECT_EQ(mj.at("parameters"), 60192808);
   EXPECT_EQ(mj.at("state_dict_entries"), 932);
 }
+
+TEST(Cli, Resnet18LearnsFashionMnist) {
+  // 150 steps of batch 64 on the first 9,600 training images; chance is 10%.
+  const std::string dir = "/usr/share/datasets/fashion-mnist";
+  if (!std::ifstream(dir + "/train-images-idx3-ubyte.gz"))
+    GTEST_SKIP() << "Debian's dataset-fashion-mnist is not installed (" << dir << ")";
+  CliRun r = dptrain(
+      "train --model resnet18 --stem imagenet --data fashion-mnist --train-limit 9600 "
+      "--test-limit 2000 --batch-size 64 --max-steps 150 --lr 0.05 --json");
+  ASSERT_EQ(r.code, 0) << r.err;
+  auto j = nlohmann::json::parse(r.out);
+  EXPECT_EQ(j.at("steps"), 150);
+  EXPECT_GE(j.at("test_accuracy").get<double>(), 0.72) << r.err;
+  EXPECT_LT(j.at("train_loss").get<double>(), 1.0) << r.err;
+}

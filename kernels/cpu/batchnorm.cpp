@@ -25,7 +25,7 @@ void batchnorm_stats(const Tensor& x, Tensor& mean, Tensor& var) {
   const float* xp = x.data<float>();
   float *mp = mean.data<float>(), *vp = var.data<float>();
   const double M = double(d.N * d.P);
-#pragma omp parallel for schedule(static)
+#pragma omp parallel for schedule(static) if (d.N * d.C * d.P > kParallelMin)
   for (int64_t c = 0; c < d.C; ++c) {
     double s = 0;
     for (int64_t n = 0; n < d.N; ++n) {
@@ -49,7 +49,7 @@ void batchnorm_forward(const Tensor& x, const Tensor& mean, const Tensor& var, c
   const float *xp = x.data<float>(), *mp = mean.data<float>(), *vp = var.data<float>(),
               *gp = gamma.data<float>(), *bp = beta.data<float>();
   float* yp = y.data<float>();
-#pragma omp parallel for collapse(2) schedule(static)
+#pragma omp parallel for collapse(2) schedule(static) if (d.N * d.C * d.P > kParallelMin)
   for (int64_t n = 0; n < d.N; ++n) {
     for (int64_t c = 0; c < d.C; ++c) {
       const float scale = gp[c] / std::sqrt(vp[c] + eps);
@@ -78,7 +78,7 @@ void batchnorm_backward_reduce(const Tensor& dy, const Tensor& x, const Tensor& 
   const float *gp = dy.data<float>(), *xp = x.data<float>(), *mp = mean.data<float>(),
               *vp = var.data<float>();
   float *sd = sum_dy.data<float>(), *sdx = sum_dy_xhat.data<float>();
-#pragma omp parallel for schedule(static)
+#pragma omp parallel for schedule(static) if (d.N * d.C * d.P > kParallelMin)
   for (int64_t c = 0; c < d.C; ++c) {
     const double mu = mp[c], invstd = 1.0 / std::sqrt(double(vp[c]) + eps);
     double s = 0, sx = 0;
@@ -103,7 +103,7 @@ void batchnorm_backward_data(const Tensor& dy, const Tensor& x, const Tensor& me
               *vp = var.data<float>(), *gam = gamma.data<float>(), *sd = sum_dy.data<float>(),
               *sdx = sum_dy_xhat.data<float>();
   float* dxp = dx.data<float>();
-#pragma omp parallel for collapse(2) schedule(static)
+#pragma omp parallel for collapse(2) schedule(static) if (d.N * d.C * d.P > kParallelMin)
   for (int64_t n = 0; n < d.N; ++n) {
     for (int64_t c = 0; c < d.C; ++c) {
       const float invstd = 1.0f / std::sqrt(vp[c] + eps);

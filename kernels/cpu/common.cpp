@@ -29,14 +29,14 @@ float* scratch(int slot, int64_t floats) {
 }
 
 void nchw_to_cnp(const float* in, int64_t N, int64_t C, int64_t P, float* out) {
-#pragma omp parallel for collapse(2) schedule(static)
+#pragma omp parallel for collapse(2) schedule(static) if (N * C * P > kParallelMin)
   for (int64_t c = 0; c < C; ++c)
     for (int64_t n = 0; n < N; ++n)
       std::memcpy(out + (c * N + n) * P, in + (n * C + c) * P, size_t(P) * 4);
 }
 
 void cnp_to_nchw(const float* in, int64_t N, int64_t C, int64_t P, float* out) {
-#pragma omp parallel for collapse(2) schedule(static)
+#pragma omp parallel for collapse(2) schedule(static) if (N * C * P > kParallelMin)
   for (int64_t n = 0; n < N; ++n)
     for (int64_t c = 0; c < C; ++c)
       std::memcpy(out + (n * C + c) * P, in + (c * N + n) * P, size_t(P) * 4);

@@ -16,6 +16,9 @@ using ConstMatMap = Eigen::Map<const RowMat, Eigen::Aligned64>;
 using VecMap = Eigen::Map<Eigen::VectorXf>;
 using ConstVecMap = Eigen::Map<const Eigen::VectorXf>;
 
+// Below this many elements a loop runs on the calling thread: waking the team costs more.
+inline constexpr int64_t kParallelMin = 32768;
+
 // Per-thread growable scratch buffer; slot 0..3. Valid until the next call with the same slot.
 float* scratch(int slot, int64_t floats);
 

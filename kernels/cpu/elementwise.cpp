@@ -14,7 +14,7 @@ void each(Tensor& y, const Tensor* x, F f) {
   float* yp = y.data<float>();
   const float* xp = x ? x->data<float>() : nullptr;
   const int64_t n = y.numel();
-#pragma omp parallel for simd schedule(static) if (n > 32768)
+#pragma omp parallel for simd schedule(static) if (n > kParallelMin)
   for (int64_t i = 0; i < n; ++i) yp[i] = f(yp[i], xp ? xp[i] : 0.0f);
 }
 }  // namespace

@@ -41,7 +41,7 @@ void maxpool2d_forward(const Tensor& x, Tensor& y, const PoolParams& p) {
   const int64_t NC = x.dim(0) * x.dim(1), H = x.dim(2), W = x.dim(3), Ho = y.dim(2), Wo = y.dim(3);
   const float* xp = x.data<float>();
   float* yp = y.data<float>();
-#pragma omp parallel for schedule(static)
+#pragma omp parallel for schedule(static) if (NC * H * W > kParallelMin)
   for (int64_t q = 0; q < NC; ++q) {
     const float* plane = xp + q * H * W;
     float* out = yp + q * Ho * Wo;
@@ -54,7 +54,7 @@ void maxpool2d_backward(const Tensor& dy, const Tensor& x, Tensor& dx, const Poo
                 Wo = dy.dim(3);
   const float *xp = x.data<float>(), *gp = dy.data<float>();
   float* dxp = dx.data<float>();
-#pragma omp parallel for schedule(static)
+#pragma omp parallel for schedule(static) if (NC * H * W > kParallelMin)
   for (int64_t q = 0; q < NC; ++q) {
     float* out = dxp + q * H * W;
     const float* g = gp + q * Ho * Wo;
@@ -69,7 +69,7 @@ void global_avgpool_forward(const Tensor& x, Tensor& y) {
   const int64_t NC = x.dim(0) * x.dim(1), P = x.dim(2) * x.dim(3);
   const float* xp = x.data<float>();
   float* yp = y.data<float>();
-#pragma omp parallel for schedule(static)
+#pragma omp parallel for schedule(static) if (NC * P > kParallelMin)
   for (int64_t q = 0; q < NC; ++q) {
     float s = 0;
     for (int64_t i = 0; i < P; ++i) s += xp[q * P + i];
@@ -81,7 +81,7 @@ void global_avgpool_backward(const Tensor& dy, Tensor& dx) {
   const int64_t NC = dx.dim(0) * dx.dim(1), P = dx.dim(2) * dx.dim(3);
   const float* gp = dy.data<float>();
   float* dxp = dx.data<float>();
-#pragma omp parallel for schedule(static)
+#pragma omp parallel for schedule(static) if (NC * P > kParallelMin)
   for (int64_t q = 0; q < NC; ++q) {
     const float v = gp[q] / float(P);
     for (int64_t i = 0; i < P; ++i) dxp[q * P + i] = v;
