@@ -54,6 +54,11 @@ int run(int argc, char** argv) {
   train->add_option("--image-size", cfg.image_size, "synthetic image side")->capture_default_str();
   train->add_option("--devices", devices, "device list: cpu, cpu:1, cuda:0, ...")
       ->capture_default_str();
+  train
+      ->add_option("--bn", cfg.bn,
+                   "BatchNorm across DataParallel replicas: sync (as one device) or local "
+                   "(per-replica statistics, PyTorch DataParallel)")
+      ->capture_default_str();
   train->add_option("--batch-size", cfg.batch_size, "samples per step")->capture_default_str();
   train->add_option("--epochs", cfg.epochs, "passes over the training set")->capture_default_str();
   train->add_option("--max-steps", cfg.max_steps, "stop after N steps");

@@ -12,6 +12,7 @@
 #include "data/dataset.h"
 #include "kernels/loss.h"
 #include "models/optimizer.h"
+#include "parallel/data_parallel.h"
 
 namespace dpt {
 
@@ -64,6 +65,17 @@ class Progress {
   Clock::time_point last_{};
 };
 
+std::string devices_str(const std::vector<Device>& devs, BnMode bn) {
+  std::string s;
+  for (const Device& d : devs) {
+    if (!s.empty()) s += ',';
+    s += d.str();
+  }
+  if (devs.size() > 1)
+    s += std::string(" (DataParallel, ") + (bn == BnMode::Sync ? "sync" : "local") + " BN)";
+  return s;
+}
+
 // The batch itself when it already lives on dev, else a copy there.
 Tensor on_device(const Tensor& t, const Device& dev) {
   return t.device() == dev ? t.share() : t.to(dev);
@@ -113,11 +125,13 @@ TrainResult train(TrainConfig cfg) {
   DPT_CHECK(cfg.momentum >= 0 && cfg.momentum < 1, UsageError, "--momentum must be in [0, 1)");
   DPT_CHECK(cfg.weight_decay >= 0, UsageError, "--weight-decay must not be negative");
   DPT_CHECK(cfg.threads >= 0, UsageError, "--threads must not be negative");
-  DPT_CHECK(cfg.devices.size() == 1, UsageError, "training on ", cfg.devices.size(),
-            " devices needs DataParallel, which this build does not have yet: pass one device");
-  const Device dev = cfg.devices[0];
-  std::string why;
-  DPT_CHECK(device_available(dev, &why), DeviceError, why);
+  DPT_CHECK(!cfg.devices.empty(), UsageError, "--devices lists no device");
+  const Device dev = cfg.devices[0];  // where batches go and outputs are gathered
+  for (const Device& d : cfg.devices) {
+    std::string why;
+    DPT_CHECK(device_available(d, &why), DeviceError, why);
+  }
+  const BnMode bn_mode = parse_bn_mode(cfg.bn);
   if (cfg.threads > 0) omp_set_num_threads(cfg.threads);
   const LrSchedule::Kind schedule_kind = LrSchedule::parse(cfg.lr_schedule);
 
@@ -155,8 +169,17 @@ TrainResult train(TrainConfig cfg) {
   if (cfg.augment) lo.augment = Augment{train_set->height() <= 28 ? 2 : 4, true};
   Loader loader(*train_set, lo);
 
-  auto model = make_model(cfg.arch, cfg.seed);
-  model->to(dev);
+  std::unique_ptr<Module> model = make_model(cfg.arch, cfg.seed);
+  DataParallel* dp = nullptr;
+  if (cfg.devices.size() > 1) {
+    auto wrapped = std::make_unique<DataParallel>(
+        std::move(model), [&] { return make_model(cfg.arch, cfg.seed); }, cfg.devices, bn_mode,
+        cfg.threads);
+    dp = wrapped.get();
+    model = std::move(wrapped);
+  } else {
+    model->to(dev);
+  }
   model->train();
   TrainResult res;
   res.parameters = model->num_parameters();
@@ -172,13 +195,15 @@ TrainResult train(TrainConfig cfg) {
   sched.total_steps = total;
   sched.step_size = cfg.lr_step_size;
   sched.gamma = cfg.lr_gamma;
-  Sgd opt(SgdParams{cfg.lr, cfg.momentum, 0.0f, cfg.weight_decay, cfg.nesterov});
+  std::vector<Sgd> opts;  // one per replica: each applies the same step to its own copy
+  for (size_t r = 0; r < cfg.devices.size(); ++r)
+    opts.emplace_back(SgdParams{cfg.lr, cfg.momentum, 0.0f, cfg.weight_decay, cfg.nesterov});
 
   MetricsWriter metrics(cfg.metrics_path);
   Progress progress(total, cfg.log_every, cfg.progress_bar);
   progress.line("dptrain: " + cfg.arch.arch + " (" + std::to_string(res.parameters) +
-                " parameters) on " + dev.str() + ", " + train_set->name() + " " +
-                std::to_string(train_set->size()) + " samples, batch " +
+                " parameters) on " + devices_str(cfg.devices, bn_mode) + ", " + train_set->name() +
+                " " + std::to_string(train_set->size()) + " samples, batch " +
                 std::to_string(cfg.batch_size) + ", " + std::to_string(total) + " steps, " +
                 std::to_string(omp_get_max_threads()) + " threads");
 
@@ -208,7 +233,6 @@ TrainResult train(TrainConfig cfg) {
     loader.start_epoch(epoch);
     while (step < total && loader.next(batch)) {
       const float lr = sched.lr_at(step);
-      opt.set_lr(lr);
       model->zero_grad();
       Tensor logits = model->forward(on_device(batch.images, dev));
       if (!dlogits.defined() || dlogits.shape() != logits.shape())
@@ -219,7 +243,15 @@ TrainResult train(TrainConfig cfg) {
                 ": training diverged; lower --lr (now ", cfg.lr, ") or raise --warmup-steps");
       model->backward(std::move(dlogits));
       dlogits = Tensor();
-      opt.step(*model);
+      if (dp) {
+        dp->for_each_replica([&](Module& m, int r) {
+          opts[size_t(r)].set_lr(lr);
+          opts[size_t(r)].step(m);
+        });
+      } else {
+        opts[0].set_lr(lr);
+        opts[0].step(*model);
+      }
       ++step;
       recent.push_back(loss);
       if (recent.size() > keep) recent.pop_front();

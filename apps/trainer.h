@@ -18,8 +18,9 @@ struct TrainConfig {
   int64_t train_limit = -1;  // use only the first N training samples (-1: all)
   int64_t test_limit = -1;
   int64_t synthetic_size = 2048;
-  int64_t image_size = 32;  // synthetic only
-  std::vector<Device> devices{Device::cpu()};
+  int64_t image_size = 32;                     // synthetic only
+  std::vector<Device> devices{Device::cpu()};  // more than one: DataParallel over them
+  std::string bn = "sync";  // DataParallel BatchNorm: sync (SyncBatchNorm) or local (per replica)
   int64_t batch_size = 128;
   int64_t epochs = 1;
   int64_t max_steps = -1;  // stop after this many steps (-1: run all epochs)

@@ -57,12 +57,12 @@ class Module {
   LoadReport load_state_dict(const StateDict& sd, bool strict = true);
   int64_t num_parameters();
 
-  void train(bool on = true);
+  virtual void train(bool on = true);
   void eval() { train(false); }
   bool is_training() const { return training_; }
-  void to(const Device& d);  // moves parameters, grads and buffers
+  virtual void to(const Device& d);  // moves parameters, grads and buffers
   Device device();
-  void zero_grad();
+  virtual void zero_grad();
   // Drops tensors kept for backward (after backward, or when a forward's output is not used).
   virtual void release() {}
 

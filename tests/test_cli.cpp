@@ -73,6 +73,8 @@ TEST(Cli, BadUsageExitsTwo) {
   expect_error(std::string(kTiny) + "--lr-schedule linear", 2, "linear");
   expect_error(std::string(kTiny) + "--stem huge", 2, "huge");
   expect_error(std::string(kTiny) + "--num-classes 0", 2, "classes");
+  expect_error(std::string(kTiny) + "--devices cpu:0,cpu:1 --bn global", 2, "global");
+  expect_error(std::string(kTiny) + "--devices cpu:0,cpu:0", 2, "twice");
   CliRun r = dptrain("train --batch-size 0");
   EXPECT_NE(r.err.find("usage: dptrain"), std::string::npos) << "bad usage shows the usage line";
 }
@@ -116,6 +118,15 @@ TEST(Cli, JsonSummaryAndMetricsFiles) {
   auto mj = nlohmann::json::parse(m.out);
   EXPECT_EQ(mj.at("parameters"), 60192808);
   EXPECT_EQ(mj.at("state_dict_entries"), 932);
+}
+
+TEST(Cli, DataParallelOnTwoCpuDevices) {
+  for (const char* bn : {"sync", "local"}) {
+    CliRun r = dptrain(std::string(kTiny) + "--devices cpu*2 --bn " + bn + " --json");
+    ASSERT_EQ(r.code, 0) << r.err;
+    EXPECT_NE(r.err.find("cpu:0,cpu:1 (DataParallel"), std::string::npos) << r.err;
+    EXPECT_EQ(nlohmann::json::parse(r.out).at("steps"), 2);
+  }
 }
 
 TEST(Cli, Resnet18LearnsFashionMnist) {

@@ -1,0 +1,71 @@
+// In-process communicator: the ranks are threads sharing memory. Each collective publishes the
+// ranks' buffers, waits at a barrier, lets every rank work on its own slice of the result, and
+// waits again so no buffer is reused before all ranks are done with it.
+#include <barrier>
+#include <cstring>
+#include <vector>
+
+#include "parallel/communicator.h"
+
+namespace dpt {
+
+namespace {
+
+class InProcessCommunicator : public Communicator {
+ public:
+  explicit InProcessCommunicator(int n) : n_(n), barrier_(n), slots_(size_t(n)) {}
+  int size() const override { return n_; }
+  std::string kind() const override { return "in-process"; }
+
+  void all_reduce_sum(int rank, Tensor& t) override {
+    check(rank, t);
+    slots_[size_t(rank)] = t.data<float>();
+    barrier_.arrive_and_wait();
+    const int64_t n = t.numel(), lo = n * rank / n_, hi = n * (rank + 1) / n_;
+    float* acc = slots_[0];
+    for (int r = 1; r < n_; ++r) {
+      const float* src = slots_[size_t(r)];
+      for (int64_t i = lo; i < hi; ++i) acc[i] += src[i];
+    }
+    for (int r = 1; r < n_; ++r)
+      std::memcpy(slots_[size_t(r)] + lo, acc + lo, size_t(hi - lo) * sizeof(float));
+    barrier_.arrive_and_wait();
+  }
+
+  void broadcast(int rank, Tensor& t, int root) override {
+    check(rank, t);
+    DPT_ASSERT(root >= 0 && root < n_, "broadcast root ", root);
+    slots_[size_t(rank)] = t.data<float>();
+    barrier_.arrive_and_wait();
+    if (rank != root) std::memcpy(t.raw(), slots_[size_t(root)], t.nbytes());
+    barrier_.arrive_and_wait();
+  }
+
+  void all_gather(int rank, const Tensor& in, Tensor& out) override {
+    check(rank, in);
+    DPT_ASSERT(out.numel() == in.numel() * n_, "all_gather: out has ", out.numel(), " values");
+    slots_[size_t(rank)] = in.data<float>();
+    barrier_.arrive_and_wait();
+    for (int r = 0; r < n_; ++r)
+      std::memcpy(out.data<float>() + r * in.numel(), slots_[size_t(r)], in.nbytes());
+    barrier_.arrive_and_wait();
+  }
+
+ private:
+  void check(int rank, const Tensor& t) const {
+    DPT_ASSERT(rank >= 0 && rank < n_ && t.device().is_cpu() && t.dtype() == DType::F32,
+               "in-process collectives take float32 cpu tensors (rank ", rank, ")");
+  }
+  int n_;
+  std::barrier<> barrier_;
+  std::vector<float*> slots_;
+};
+
+}  // namespace
+
+std::unique_ptr<Communicator> make_inprocess_communicator(int size) {
+  DPT_CHECK(size >= 1, ConfigError, "a communicator needs at least one rank, got ", size);
+  return std::make_unique<InProcessCommunicator>(size);
+}
+
+}  // namespace dpt

@@ -1,0 +1,203 @@
+// parallel/: the in-process communicator, DataParallel's PyTorch naming and chunking, and the
+// equivalence of N-replica training (SyncBatchNorm) with one device on the whole batch.
+#include <gtest/gtest.h>
+
+#include <thread>
+
+#include "core/rng.h"
+#include "kernels/loss.h"
+#include "models/arch.h"
+#include "models/optimizer.h"
+#include "parallel/data_parallel.h"
+
+using namespace dpt;
+
+namespace {
+
+void on_threads(int n, const std::function<void(int)>& f) {
+  std::vector<std::thread> ts;
+  for (int r = 0; r < n; ++r) ts.emplace_back(f, r);
+  for (auto& t : ts) t.join();
+}
+
+ArchSpec small_spec() {
+  ArchSpec s;
+  s.arch = "resnet18";
+  s.num_classes = 5;
+  s.in_channels = 1;
+  s.stem = "small";  // 16x16 inputs keep 2x2 maps in layer4, so train-mode BN is well conditioned
+  return s;
+}
+
+std::unique_ptr<DataParallel> wrap(int devices, BnMode bn, uint64_t seed = 3) {
+  std::vector<Device> devs;
+  for (int i = 0; i < devices; ++i) devs.push_back(Device::cpu(i));
+  return std::make_unique<DataParallel>(
+      make_model(small_spec(), seed), [seed] { return make_model(small_spec(), seed); }, devs, bn,
+      devices);
+}
+
+Tensor batch(int64_t n, uint64_t seed) {
+  Tensor x({n, 1, 16, 16});
+  Rng r(seed);
+  for (int64_t i = 0; i < x.numel(); ++i) x.data<float>()[i] = r.normal();
+  return x;
+}
+
+Tensor labels(int64_t n) {
+  Tensor t({n}, DType::I64);
+  for (int64_t i = 0; i < n; ++i) t.data<int64_t>()[i] = (i * 7) % 5;
+  return t;
+}
+
+// One SGD step; returns the loss.
+float step(Module& m, std::vector<Sgd>& opts, const Tensor& x, const Tensor& y) {
+  m.zero_grad();
+  Tensor logits = m.forward(x.clone());
+  Tensor d(logits.shape());
+  float loss = softmax_cross_entropy(logits, y, &d);
+  m.backward(std::move(d));
+  if (auto* dp = dynamic_cast<DataParallel*>(&m))
+    dp->for_each_replica([&](Module& r, int i) { opts[size_t(i)].step(r); });
+  else
+    opts[0].step(m);
+  return loss;
+}
+
+std::vector<Sgd> sgds(int n) {
+  std::vector<Sgd> v;
+  for (int i = 0; i < n; ++i) v.emplace_back(SgdParams{0.01f, 0.9f, 0.0f, 1e-4f, false});
+  return v;
+}
+
+}  // namespace
+
+TEST(Communicator, InProcessCollectives) {
+  auto comm = make_inprocess_communicator(3);
+  EXPECT_EQ(comm->size(), 3);
+  std::vector<std::vector<float>> reduced(3), bcast(3), gathered(3);
+  on_threads(3, [&](int r) {
+    Tensor t = Tensor::full({1001}, float(r + 1));
+    t.data<float>()[1000] = float(10 * r);
+    comm->all_reduce_sum(r, t);
+    reduced[size_t(r)] = t.to_vector();
+    Tensor b = Tensor::full({5}, float(r));
+    comm->broadcast(r, b, 1);
+    bcast[size_t(r)] = b.to_vector();
+    Tensor in = Tensor::full({2}, float(r)), out({6});
+    comm->all_gather(r, in, out);
+    gathered[size_t(r)] = out.to_vector();
+  });
+  for (int r = 0; r < 3; ++r) {
+    EXPECT_EQ(reduced[size_t(r)][0], 6.0f);
+    EXPECT_EQ(reduced[size_t(r)][999], 6.0f);
+    EXPECT_EQ(reduced[size_t(r)][1000], 30.0f);
+    EXPECT_EQ(bcast[size_t(r)], std::vector<float>(5, 1.0f));
+    EXPECT_EQ(gathered[size_t(r)], (std::vector<float>{0, 0, 1, 1, 2, 2}));
+  }
+  EXPECT_THROW(make_inprocess_communicator(0), ConfigError);
+}
+
+TEST(DataParallel, ModulePrefixAsPyTorch) {
+  auto plain = make_model(small_spec(), 3);
+  StateDict ref = plain->state_dict();
+  auto dp = wrap(2, BnMode::Local);
+  StateDict sd = dp->state_dict();
+  ASSERT_EQ(sd.size(), ref.size());
+  for (size_t i = 0; i < sd.size(); ++i) {
+    EXPECT_EQ(sd.entries[i].first, "module." + ref.entries[i].first);
+    EXPECT_EQ(relative_error(sd.entries[i].second, ref.entries[i].second), 0.0);
+  }
+  EXPECT_EQ(dp->named_parameters().front().first, "module.conv1.weight");
+  EXPECT_EQ(dp->num_parameters(), plain->num_parameters());
+  // Every replica starts with replica 0's weights.
+  EXPECT_EQ(relative_error(*dp->replica(1).state_dict().find("fc.weight"), *ref.find("fc.weight")),
+            0.0);
+  EXPECT_EQ(dp->replica(1).device(), Device::cpu(1));
+  // Wrapped twice: module.module.
+  auto outer = std::make_unique<DataParallel>(
+      std::move(dp), [] { return std::unique_ptr<Module>(); }, std::vector<Device>{Device::cpu(0)});
+  EXPECT_EQ(outer->state_dict().entries[0].first, "module.module.conv1.weight");
+  EXPECT_EQ(&outer->module(), outer->named_modules()[1].second);
+}
+
+TEST(DataParallel, TorchChunkSemantics) {
+  auto dp2 = wrap(2, BnMode::Local), dp3 = wrap(3, BnMode::Local);
+  EXPECT_EQ(dp2->chunk_sizes(5), (std::vector<int64_t>{3, 2}));
+  EXPECT_EQ(dp3->chunk_sizes(7), (std::vector<int64_t>{3, 3, 1}));
+  EXPECT_EQ(dp3->chunk_sizes(1), (std::vector<int64_t>{1}));
+  EXPECT_EQ(dp3->chunk_sizes(4),
+            (std::vector<int64_t>{2, 2}));  // torch.chunk(4 rows, 3) -> 2 chunks
+  // A batch smaller than the device count runs on fewer replicas and still gathers every row.
+  dp3->eval();
+  Tensor y = dp3->forward(batch(2, 1));
+  EXPECT_EQ(y.shape(), Shape({2, 5}));
+  auto plain = make_model(small_spec(), 3);
+  plain->eval();
+  EXPECT_LT(relative_error(y, plain->forward(batch(2, 1))), 1e-6);
+}
+
+// Worst relative error over the entries of `want`, and its name.
+std::pair<double, std::string> worst_error(const StateDict& got, const StateDict& want) {
+  std::pair<double, std::string> w{0.0, ""};
+  for (auto& [name, t] : want.entries) {
+    double e = relative_error(*got.find(name), t);
+    if (e > w.first) w = {e, name};
+  }
+  return w;
+}
+
+StateDict grads(Module& m) {
+  StateDict sd;
+  for (auto& [name, p] : m.named_parameters()) sd.entries.emplace_back(name, p->grad.share());
+  return sd;
+}
+
+TEST(DataParallel, SyncBatchNormTrainsLikeOneDevice) {
+  // 7 rows over 3 replicas: uneven chunks 3, 3, 1; the last replica alone has one row, so its
+  // BatchNorms only work with statistics reduced across replicas.
+  auto single = make_model(small_spec(), 3);
+  auto dp = wrap(3, BnMode::Sync);
+  auto o1 = sgds(1), o3 = sgds(3);
+  for (int s = 0; s < 3; ++s) {
+    Tensor x = batch(7, 10 + s), y = labels(7);
+    float a = step(*single, o1, x, y), b = step(*dp, o3, x, y);
+    EXPECT_NEAR(a, b, 2e-5 * std::abs(a)) << "step " << s;
+    if (s == 0) {
+      auto [e, name] = worst_error(grads(dp->module()), grads(*single));
+      EXPECT_LT(e, 1e-4) << "gradient of " << name;
+    }
+  }
+  auto [e, name] = worst_error(dp->module().state_dict(), single->state_dict());
+  EXPECT_LT(e, 1e-4) << name;
+  // Replicas stay bit-identical: same reduced gradients, same step.
+  StateDict got = dp->module().state_dict();
+  for (int r = 1; r < 3; ++r)
+    for (auto& [n, t] : got.entries)
+      ASSERT_EQ(relative_error(*dp->replica(r).state_dict().find(n), t), 0.0) << r << " " << n;
+}
+
+TEST(DataParallel, LocalBatchNormKeepsReplicaZeroStatistics) {
+  auto dp = wrap(2, BnMode::Local);
+  auto opts = sgds(2);
+  for (int s = 0; s < 2; ++s) step(*dp, opts, batch(8, 20 + s), labels(8));
+  StateDict a = dp->replica(0).state_dict(), b = dp->replica(1).state_dict();
+  for (auto& [name, t] : a.entries) ASSERT_EQ(relative_error(*b.find(name), t), 0.0) << name;
+  EXPECT_EQ(a.find("bn1.num_batches_tracked")->data<int64_t>()[0], 2);
+  // Local statistics differ from whole-batch statistics: the loss is not the single-device one.
+  auto single = make_model(small_spec(), 3);
+  auto o1 = sgds(1);
+  auto dp2 = wrap(2, BnMode::Local);
+  auto o2 = sgds(2);
+  EXPECT_NE(step(*single, o1, batch(8, 30), labels(8)), step(*dp2, o2, batch(8, 30), labels(8)));
+}
+
+TEST(DataParallel, RejectsBadDevices) {
+  EXPECT_THROW(
+      DataParallel(make_model(small_spec(), 0), [] { return make_model(small_spec(), 0); }, {}),
+      UsageError);
+  EXPECT_THROW(DataParallel(make_model(small_spec(), 0), [] { return make_model(small_spec(), 0); },
+                            {Device::cpu(0), Device::cuda(0)}),
+               DeviceError);
+  EXPECT_THROW(parse_bn_mode("global"), UsageError);
+}
