@@ -24,6 +24,10 @@ class Communicator {
   virtual void broadcast(int rank, Tensor& t, int root) = 0;
   // out (size() * in.numel() floats) becomes the concatenation of every rank's `in`, in rank order.
   virtual void all_gather(int rank, const Tensor& in, Tensor& out) = 0;
+  // Called when a rank fails: every rank waiting in (or later entering) a collective throws
+  // instead of waiting forever, until reset() makes the communicator usable again.
+  virtual void abort() = 0;
+  virtual void reset() = 0;
 };
 
 // A communicator for `size` ranks that are threads of this process (CPU devices).

@@ -104,9 +104,12 @@ class SyncBatchNormHook : public BatchNormSync {
 };
 
 // One thread per replica, each with its share of the OpenMP threads; run() hands every thread
-// the same task and waits for all of them, then rethrows the first failure.
+// the same task and waits for all of them. The first failure aborts the communicators, so
+// replicas blocked in a collective fail too instead of hanging; run() then resets them and
+// rethrows that first failure.
 struct DataParallel::Workers {
-  Workers(int n, int omp_threads) : errors(size_t(n)) {
+  Workers(int n, int omp_threads, std::function<void()> on_failure)
+      : abort_collectives(std::move(on_failure)) {
     for (int r = 0; r < n; ++r)
       threads.emplace_back([this, r, omp_threads] { loop(r, omp_threads); });
   }
@@ -128,34 +131,39 @@ struct DataParallel::Workers {
       seen = generation;
       const std::function<void(int)>* f = task;
       lk.unlock();
+      std::exception_ptr error;
       try {
         (*f)(r);
       } catch (...) {
-        errors[size_t(r)] = std::current_exception();
+        error = std::current_exception();
       }
       lk.lock();
+      if (error && !first_error) {
+        first_error = error;
+        abort_collectives();
+      }
       if (--pending == 0) done.notify_all();
     }
   }
   void run(const std::function<void(int)>& f) {
     std::unique_lock<std::mutex> lk(mu);
     task = &f;
-    std::fill(errors.begin(), errors.end(), nullptr);
+    first_error = nullptr;
     pending = int(threads.size());
     ++generation;
     start.notify_all();
     done.wait(lk, [&] { return pending == 0; });
-    for (auto& e : errors)
-      if (e) std::rethrow_exception(e);
+    if (first_error) std::rethrow_exception(first_error);
   }
 
+  std::function<void()> abort_collectives;
   std::mutex mu;
   std::condition_variable start, done;
   const std::function<void(int)>* task = nullptr;
   uint64_t generation = 0;
   int pending = 0;
   bool quit = false;
-  std::vector<std::exception_ptr> errors;
+  std::exception_ptr first_error;
   std::vector<std::thread> threads;
 };
 
@@ -192,7 +200,9 @@ DataParallel::DataParallel(std::unique_ptr<Module> module, const Factory& make_r
   }
   flat_grads_.resize(size_t(n));
   const int total = threads > 0 ? threads : omp_get_max_threads();
-  workers_ = std::make_unique<Workers>(n, std::max(1, total / n));
+  workers_ = std::make_unique<Workers>(n, std::max(1, total / n), [this] {
+    for (auto& [k, c] : comms_) c->abort();
+  });
 }
 
 DataParallel::~DataParallel() = default;
@@ -211,7 +221,16 @@ std::vector<int64_t> DataParallel::chunk_offsets() const {
 }
 
 void DataParallel::for_each_replica(const std::function<void(Module&, int)>& f) {
-  workers_->run([&](int r) { f(*replicas_[size_t(r)], r); });
+  run([&](int r) { f(*replicas_[size_t(r)], r); });
+}
+
+void DataParallel::run(const std::function<void(int)>& f) {
+  try {
+    workers_->run(f);
+  } catch (...) {
+    for (auto& [k, c] : comms_) c->reset();
+    throw;
+  }
 }
 
 Tensor DataParallel::forward(Tensor x) {
@@ -221,7 +240,7 @@ Tensor DataParallel::forward(Tensor x) {
   const int k = int(sizes_.size());
   const std::vector<int64_t> offsets = chunk_offsets();
   std::vector<Tensor> outs(static_cast<size_t>(k));
-  workers_->run([&](int r) {
+  run([&](int r) {
     if (r >= k) return;
     outs[size_t(r)] = replicas_[size_t(r)]->forward(
         rows(x, offsets[size_t(r)], sizes_[size_t(r)], devices_[size_t(r)]));
@@ -263,7 +282,7 @@ Tensor DataParallel::backward(Tensor dy) {
   const int k = int(sizes_.size());
   const std::vector<int64_t> offsets = chunk_offsets();
   std::vector<Tensor> dxs(static_cast<size_t>(k));
-  workers_->run([&](int r) {
+  run([&](int r) {
     if (r < k)
       dxs[size_t(r)] = replicas_[size_t(r)]->backward(
           rows(dy, offsets[size_t(r)], sizes_[size_t(r)], devices_[size_t(r)]));

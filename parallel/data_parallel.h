@@ -63,6 +63,7 @@ class DataParallel : public Module {
 
  private:
   struct Workers;
+  void run(const std::function<void(int)>& f);  // on every replica's thread; rethrows a failure
   void all_reduce_grads(int rank);
   std::vector<int64_t> chunk_offsets() const;  // first row of each chunk of the last forward
 

@@ -1,8 +1,9 @@
 // In-process communicator: the ranks are threads sharing memory. Each collective publishes the
 // ranks' buffers, waits at a barrier, lets every rank work on its own slice of the result, and
 // waits again so no buffer is reused before all ranks are done with it.
-#include <barrier>
+#include <condition_variable>
 #include <cstring>
+#include <mutex>
 #include <vector>
 
 #include "parallel/communicator.h"
@@ -10,6 +11,44 @@
 namespace dpt {
 
 namespace {
+
+// A reusable barrier that abort() breaks: waiters throw rather than hang when a peer has died.
+class Barrier {
+ public:
+  explicit Barrier(int n) : n_(n) {}
+  void arrive_and_wait() {
+    std::unique_lock<std::mutex> lk(mu_);
+    DPT_CHECK(!aborted_, Error, "collective aborted: another replica failed");
+    const uint64_t phase = phase_;
+    if (++waiting_ == n_) {
+      waiting_ = 0;
+      ++phase_;
+      cv_.notify_all();
+      return;
+    }
+    cv_.wait(lk, [&] { return phase_ != phase || aborted_; });
+    DPT_CHECK(phase_ != phase, Error, "collective aborted: another replica failed");
+  }
+  void abort() {
+    std::lock_guard<std::mutex> lk(mu_);
+    aborted_ = true;
+    cv_.notify_all();
+  }
+  void reset() {
+    std::lock_guard<std::mutex> lk(mu_);
+    aborted_ = false;
+    waiting_ = 0;
+    ++phase_;
+  }
+
+ private:
+  std::mutex mu_;
+  std::condition_variable cv_;
+  const int n_;
+  int waiting_ = 0;
+  uint64_t phase_ = 0;
+  bool aborted_ = false;
+};
 
 class InProcessCommunicator : public Communicator {
  public:
@@ -41,6 +80,9 @@ class InProcessCommunicator : public Communicator {
     barrier_.arrive_and_wait();
   }
 
+  void abort() override { barrier_.abort(); }
+  void reset() override { barrier_.reset(); }
+
   void all_gather(int rank, const Tensor& in, Tensor& out) override {
     check(rank, in);
     DPT_ASSERT(out.numel() == in.numel() * n_, "all_gather: out has ", out.numel(), " values");
@@ -57,7 +99,7 @@ class InProcessCommunicator : public Communicator {
                "in-process collectives take float32 cpu tensors (rank ", rank, ")");
   }
   int n_;
-  std::barrier<> barrier_;
+  Barrier barrier_;
   std::vector<float*> slots_;
 };
 

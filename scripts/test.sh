@@ -4,4 +4,4 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
-ctest --test-dir build --output-on-failure --timeout 1200 "$@"
+ctest --test-dir build --output-on-failure --timeout 600 "$@"

@@ -7,6 +7,7 @@
 #include "core/rng.h"
 #include "kernels/loss.h"
 #include "models/arch.h"
+#include "models/layers.h"
 #include "models/optimizer.h"
 #include "parallel/data_parallel.h"
 
@@ -200,4 +201,38 @@ TEST(DataParallel, RejectsBadDevices) {
                             {Device::cpu(0), Device::cuda(0)}),
                DeviceError);
   EXPECT_THROW(parse_bn_mode("global"), UsageError);
+}
+
+namespace {
+// A BatchNorm that can be told to fail before its collective, as a replica running out of
+// memory would.
+class Flaky : public Module {
+ public:
+  explicit Flaky(bool fails)
+      : fail(fails), bn(register_module("bn", std::make_unique<BatchNorm2d>(2))) {}
+  std::string kind() const override { return "Flaky"; }
+  Tensor forward(Tensor x) override {
+    if (fail) throw FileError("replica failed on purpose");
+    return bn.forward(std::move(x));
+  }
+  Tensor backward(Tensor dy) override { return bn.backward(std::move(dy)); }
+  bool fail;
+  BatchNorm2d& bn;
+};
+}  // namespace
+
+TEST(DataParallel, FailingReplicaDoesNotHangTheOthers) {
+  DataParallel dp(
+      std::make_unique<Flaky>(false), [] { return std::make_unique<Flaky>(true); },
+      {Device::cpu(0), Device::cpu(1)}, BnMode::Sync, 2);
+  // Replica 0 waits in SyncBatchNorm's all-gather for replica 1, which has thrown.
+  try {
+    dp.forward(Tensor::full({4, 2, 3, 3}, 1.0f));
+    FAIL() << "the failure was swallowed";
+  } catch (const FileError& e) {
+    EXPECT_NE(std::string(e.what()).find("on purpose"), std::string::npos) << e.what();
+  }
+  // The communicators are usable again once the replica recovers.
+  static_cast<Flaky&>(dp.replica(1)).fail = false;
+  EXPECT_EQ(dp.forward(Tensor::full({4, 2, 3, 3}, 1.0f)).shape(), Shape({4, 2, 3, 3}));
 }
