@@ -123,6 +123,7 @@ int run(int argc, char** argv) {
                      {"images_per_second", r.images_per_second},
                      {"seconds", r.seconds},
                      {"parameters", r.parameters}};
+    if (r.communication_seconds >= 0) j["communication_seconds"] = r.communication_seconds;
     if (r.test_accuracy >= 0) {
       j["test_accuracy"] = r.test_accuracy;
       j["test_loss"] = r.test_loss;

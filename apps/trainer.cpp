@@ -275,6 +275,7 @@ TrainResult train(TrainConfig cfg) {
   const double steady = since(steady_start) - eval_seconds;
   res.images_per_second = steady_images > 0 && steady > 0 ? double(steady_images) / steady : 0;
   res.seconds = since(t0);
+  if (dp) res.communication_seconds = dp->communication_seconds();
   res.svg_path = metrics.write_svg();
   return res;
 }

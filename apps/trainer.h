@@ -48,6 +48,7 @@ struct TrainResult {
   double images_per_second = 0;  // steady state, warm-up steps excluded
   double seconds = 0;            // whole run, evaluation included
   int64_t parameters = 0;
+  double communication_seconds = -1;  // DataParallel: time in the gradient all-reduce
   std::string svg_path;
 };
 

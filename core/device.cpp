@@ -37,6 +37,11 @@ std::string Device::str() const {
 std::vector<Device> parse_devices(std::string_view list) {
   std::vector<Device> out;
   DPT_CHECK(!list.empty(), UsageError, "empty device list: give e.g. --devices cpu or cpu:0,cpu:1");
+  if (list == "auto") {
+    for (int i = 0; device_available(Device::cuda(i)); ++i) out.push_back(Device::cuda(i));
+    if (out.empty()) out = {Device::cpu(0), Device::cpu(1)};
+    return out;
+  }
   size_t start = 0;
   while (start <= list.size()) {
     size_t comma = list.find(',', start);

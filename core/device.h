@@ -24,7 +24,8 @@ struct Device {
   friend bool operator==(const Device&, const Device&) = default;
 };
 
-// Parses a comma-separated list ("cpu:0,cpu:1"); "cpu*N" expands to cpu:0..cpu:N-1.
+// Parses a comma-separated list ("cpu:0,cpu:1"); "cpu*N" expands to cpu:0..cpu:N-1; "auto" is
+// every usable GPU or, without one, two CPU devices.
 std::vector<Device> parse_devices(std::string_view list);
 
 // Whether kernels can run on this device in this process (CUDA: built with CUDA and a GPU present).

@@ -2,6 +2,7 @@
 
 #include <omp.h>
 
+#include <chrono>
 #include <condition_variable>
 #include <exception>
 #include <mutex>
@@ -257,6 +258,7 @@ Tensor DataParallel::forward(Tensor x) {
 
 void DataParallel::all_reduce_grads(int rank) {
   if (num_replicas() == 1) return;
+  const auto t0 = std::chrono::steady_clock::now();
   auto params = replicas_[size_t(rank)]->named_parameters();
   int64_t total = 0;
   for (auto& [n, p] : params) total += p->grad.numel();
@@ -275,6 +277,8 @@ void DataParallel::all_reduce_grads(int rank) {
                 p->grad.nbytes());
     at += p->grad.numel();
   }
+  if (rank == 0)
+    comm_seconds_ += std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
 }
 
 Tensor DataParallel::backward(Tensor dy) {

@@ -60,6 +60,8 @@ class DataParallel : public Module {
   // received a chunk of the last forward's batch).
   Communicator& comm(int k) { return *comms_.at(k); }
   int active() const { return int(sizes_.size()); }
+  // Seconds replica 0 has spent in the gradient all-reduce (not overlapped with backward yet).
+  double communication_seconds() const { return comm_seconds_; }
 
  private:
   struct Workers;
@@ -75,6 +77,7 @@ class DataParallel : public Module {
   std::vector<std::unique_ptr<class SyncBatchNormHook>> hooks_;
   std::vector<Tensor> flat_grads_;
   std::vector<int64_t> sizes_;  // chunk sizes of the last forward
+  double comm_seconds_ = 0;
   std::unique_ptr<Workers> workers_;
 };
 

@@ -20,6 +20,11 @@ TEST(Device, ParsesValidStrings) {
   ASSERT_EQ(list.size(), 3u);
   EXPECT_EQ(list[2], Device::cpu(2));
   EXPECT_EQ(parse_devices("cpu:0,cpu:1").size(), 2u);
+  auto automatic = parse_devices("auto");
+  ASSERT_FALSE(automatic.empty());
+  if (!device_available(Device::cuda(0))) {
+    EXPECT_EQ(automatic, (std::vector<Device>{Device::cpu(0), Device::cpu(1)}));
+  }
 }
 
 TEST(Device, RejectsBadStrings) {
