@@ -15,29 +15,24 @@
 
 namespace dpt {
 
+// Declared once, for the CPU engine and for the CUDA backend.
+#define DPT_BATCHNORM_KERNELS                                                                  \
+  void batchnorm_stats(const Tensor& x, Tensor& mean, Tensor& var);                            \
+  void batchnorm_forward(const Tensor& x, const Tensor& mean, const Tensor& var,               \
+                         const Tensor& gamma, const Tensor& beta, float eps, Tensor& y);       \
+  void batchnorm_update_running(Tensor& running_mean, Tensor& running_var, const Tensor& mean, \
+                                const Tensor& var, int64_t count, float momentum);             \
+  void batchnorm_backward_reduce(const Tensor& dy, const Tensor& x, const Tensor& mean,        \
+                                 const Tensor& var, float eps, Tensor& sum_dy,                 \
+                                 Tensor& sum_dy_xhat);                                         \
+  void batchnorm_backward_data(const Tensor& dy, const Tensor& x, const Tensor& mean,          \
+                               const Tensor& var, const Tensor& gamma, const Tensor& sum_dy,   \
+                               const Tensor& sum_dy_xhat, float eps, int64_t count, Tensor& dx);
 namespace cpu {
-void batchnorm_stats(const Tensor& x, Tensor& mean, Tensor& var);
-void batchnorm_forward(const Tensor& x, const Tensor& mean, const Tensor& var, const Tensor& gamma,
-                       const Tensor& beta, float eps, Tensor& y);
-void batchnorm_update_running(Tensor& running_mean, Tensor& running_var, const Tensor& mean,
-                              const Tensor& var, int64_t count, float momentum);
-void batchnorm_backward_reduce(const Tensor& dy, const Tensor& x, const Tensor& mean,
-                               const Tensor& var, float eps, Tensor& sum_dy, Tensor& sum_dy_xhat);
-void batchnorm_backward_data(const Tensor& dy, const Tensor& x, const Tensor& mean,
-                             const Tensor& var, const Tensor& gamma, const Tensor& sum_dy,
-                             const Tensor& sum_dy_xhat, float eps, int64_t count, Tensor& dx);
+DPT_BATCHNORM_KERNELS
 }  // namespace cpu
 namespace cuda {
-void batchnorm_stats(const Tensor& x, Tensor& mean, Tensor& var);
-void batchnorm_forward(const Tensor& x, const Tensor& mean, const Tensor& var, const Tensor& gamma,
-                       const Tensor& beta, float eps, Tensor& y);
-void batchnorm_update_running(Tensor& running_mean, Tensor& running_var, const Tensor& mean,
-                              const Tensor& var, int64_t count, float momentum);
-void batchnorm_backward_reduce(const Tensor& dy, const Tensor& x, const Tensor& mean,
-                               const Tensor& var, float eps, Tensor& sum_dy, Tensor& sum_dy_xhat);
-void batchnorm_backward_data(const Tensor& dy, const Tensor& x, const Tensor& mean,
-                             const Tensor& var, const Tensor& gamma, const Tensor& sum_dy,
-                             const Tensor& sum_dy_xhat, float eps, int64_t count, Tensor& dx);
+DPT_BATCHNORM_KERNELS
 }  // namespace cuda
 
 inline void batchnorm_stats(const Tensor& x, Tensor& mean, Tensor& var) {

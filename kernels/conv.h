@@ -20,15 +20,16 @@ inline int64_t conv_out_size(int64_t in, int64_t k, int stride, int pad) {
   return (in + 2 * pad - k) / stride + 1;
 }
 
+// Declared once, for the CPU engine and for the CUDA backend.
+#define DPT_CONV_KERNELS                                                                           \
+  void conv2d_forward(const Tensor& x, const Tensor& w, Tensor& y, const Conv2dParams& p);         \
+  void conv2d_backward(const Tensor& dy, const Tensor& x, const Tensor& w, Tensor* dx, Tensor& dw, \
+                       const Conv2dParams& p);
 namespace cpu {
-void conv2d_forward(const Tensor& x, const Tensor& w, Tensor& y, const Conv2dParams& p);
-void conv2d_backward(const Tensor& dy, const Tensor& x, const Tensor& w, Tensor* dx, Tensor& dw,
-                     const Conv2dParams& p);
+DPT_CONV_KERNELS
 }  // namespace cpu
 namespace cuda {
-void conv2d_forward(const Tensor& x, const Tensor& w, Tensor& y, const Conv2dParams& p);
-void conv2d_backward(const Tensor& dy, const Tensor& x, const Tensor& w, Tensor* dx, Tensor& dw,
-                     const Conv2dParams& p);
+DPT_CONV_KERNELS
 }  // namespace cuda
 
 inline void conv2d_forward(const Tensor& x, const Tensor& w, Tensor& y, const Conv2dParams& p) {

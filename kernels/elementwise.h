@@ -13,21 +13,19 @@
 
 namespace dpt {
 
+// Declared once, for the CPU engine and for the CUDA backend.
+#define DPT_ELEMENTWISE_KERNELS                    \
+  void relu_(Tensor& x);                           \
+  void relu_backward_(Tensor& g, const Tensor& y); \
+  void add_(Tensor& y, const Tensor& x);           \
+  void add_relu_(Tensor& y, const Tensor& x);      \
+  void scale_(Tensor& x, float a);                 \
+  void axpy_(Tensor& y, float a, const Tensor& x);
 namespace cpu {
-void relu_(Tensor& x);
-void relu_backward_(Tensor& g, const Tensor& y);
-void add_(Tensor& y, const Tensor& x);
-void add_relu_(Tensor& y, const Tensor& x);
-void scale_(Tensor& x, float a);
-void axpy_(Tensor& y, float a, const Tensor& x);
+DPT_ELEMENTWISE_KERNELS
 }  // namespace cpu
 namespace cuda {
-void relu_(Tensor& x);
-void relu_backward_(Tensor& g, const Tensor& y);
-void add_(Tensor& y, const Tensor& x);
-void add_relu_(Tensor& y, const Tensor& x);
-void scale_(Tensor& x, float a);
-void axpy_(Tensor& y, float a, const Tensor& x);
+DPT_ELEMENTWISE_KERNELS
 }  // namespace cuda
 
 inline void relu_(Tensor& x) {

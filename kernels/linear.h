@@ -9,15 +9,16 @@
 
 namespace dpt {
 
+// Declared once, for the CPU engine and for the CUDA backend.
+#define DPT_LINEAR_KERNELS                                                                         \
+  void linear_forward(const Tensor& x, const Tensor& w, const Tensor& b, Tensor& y);               \
+  void linear_backward(const Tensor& dy, const Tensor& x, const Tensor& w, Tensor* dx, Tensor& dw, \
+                       Tensor& db);
 namespace cpu {
-void linear_forward(const Tensor& x, const Tensor& w, const Tensor& b, Tensor& y);
-void linear_backward(const Tensor& dy, const Tensor& x, const Tensor& w, Tensor* dx, Tensor& dw,
-                     Tensor& db);
+DPT_LINEAR_KERNELS
 }  // namespace cpu
 namespace cuda {
-void linear_forward(const Tensor& x, const Tensor& w, const Tensor& b, Tensor& y);
-void linear_backward(const Tensor& dy, const Tensor& x, const Tensor& w, Tensor* dx, Tensor& dw,
-                     Tensor& db);
+DPT_LINEAR_KERNELS
 }  // namespace cuda
 
 inline void linear_forward(const Tensor& x, const Tensor& w, const Tensor& b, Tensor& y) {

@@ -13,13 +13,15 @@
 
 namespace dpt {
 
+// Declared once, for the CPU engine and for the CUDA backend.
+#define DPT_LOSS_KERNELS                                                                    \
+  float softmax_cross_entropy(const Tensor& logits, const Tensor& targets, Tensor* dlogits, \
+                              float scale, int64_t* correct);
 namespace cpu {
-float softmax_cross_entropy(const Tensor& logits, const Tensor& targets, Tensor* dlogits,
-                            float scale, int64_t* correct);
+DPT_LOSS_KERNELS
 }  // namespace cpu
 namespace cuda {
-float softmax_cross_entropy(const Tensor& logits, const Tensor& targets, Tensor* dlogits,
-                            float scale, int64_t* correct);
+DPT_LOSS_KERNELS
 }  // namespace cuda
 
 inline float softmax_cross_entropy(const Tensor& logits, const Tensor& targets, Tensor* dlogits,

@@ -21,11 +21,14 @@ struct SgdParams {
   bool nesterov = false;
 };
 
+// Declared once, for the CPU engine and for the CUDA backend.
+#define DPT_OPTIM_KERNELS \
+  void sgd_step(Tensor& p, const Tensor& grad, Tensor& buf, const SgdParams& h, bool first_step);
 namespace cpu {
-void sgd_step(Tensor& p, const Tensor& grad, Tensor& buf, const SgdParams& h, bool first_step);
+DPT_OPTIM_KERNELS
 }  // namespace cpu
 namespace cuda {
-void sgd_step(Tensor& p, const Tensor& grad, Tensor& buf, const SgdParams& h, bool first_step);
+DPT_OPTIM_KERNELS
 }  // namespace cuda
 
 inline void sgd_step(Tensor& p, const Tensor& grad, Tensor& buf, const SgdParams& h,

@@ -18,17 +18,17 @@ struct PoolParams {
   int pad = 1;
 };
 
+// Declared once, for the CPU engine and for the CUDA backend.
+#define DPT_POOL_KERNELS                                                                       \
+  void maxpool2d_forward(const Tensor& x, Tensor& y, const PoolParams& p);                     \
+  void maxpool2d_backward(const Tensor& dy, const Tensor& x, Tensor& dx, const PoolParams& p); \
+  void global_avgpool_forward(const Tensor& x, Tensor& y);                                     \
+  void global_avgpool_backward(const Tensor& dy, Tensor& dx);
 namespace cpu {
-void maxpool2d_forward(const Tensor& x, Tensor& y, const PoolParams& p);
-void maxpool2d_backward(const Tensor& dy, const Tensor& x, Tensor& dx, const PoolParams& p);
-void global_avgpool_forward(const Tensor& x, Tensor& y);
-void global_avgpool_backward(const Tensor& dy, Tensor& dx);
+DPT_POOL_KERNELS
 }  // namespace cpu
 namespace cuda {
-void maxpool2d_forward(const Tensor& x, Tensor& y, const PoolParams& p);
-void maxpool2d_backward(const Tensor& dy, const Tensor& x, Tensor& dx, const PoolParams& p);
-void global_avgpool_forward(const Tensor& x, Tensor& y);
-void global_avgpool_backward(const Tensor& dy, Tensor& dx);
+DPT_POOL_KERNELS
 }  // namespace cuda
 
 inline void maxpool2d_forward(const Tensor& x, Tensor& y, const PoolParams& p) {
