@@ -98,8 +98,8 @@ Tensor BatchNorm2d::forward(Tensor x) {
 }
 
 Tensor BatchNorm2d::backward(Tensor dy) {
-  DPT_ASSERT(x_.defined() || !is_training(), "BatchNorm2d::backward without a forward");
-  DPT_CHECK(x_.defined(), ConfigError, "BatchNorm2d backward in eval mode is not supported");
+  DPT_CHECK(x_.defined(), ConfigError,
+            "BatchNorm2d::backward needs a training-mode forward first (eval mode keeps nothing)");
   const int64_t C = x_.dim(1);
   Tensor sum_dy({C}, DType::F32, x_.device()), sum_dy_xhat({C}, DType::F32, x_.device());
   batchnorm_backward_reduce(dy, x_, mean_, var_, eps_, sum_dy, sum_dy_xhat);

@@ -33,6 +33,7 @@
 #include "models/arch.h"
 #include "models/module.h"
 #include "models/optimizer.h"
+#include "parallel/data_parallel.h"
 
 namespace {
 
@@ -176,19 +177,35 @@ constexpr double kGradTol = 1e-3;
 constexpr double kWeightTol = 1e-3;
 constexpr double kRunningTol = 1e-4;
 
-class Parity : public ::testing::TestWithParam<std::string> {};
+// devices > 1: ours runs DataParallel with local BatchNorm over cpu:0..devices-1 and the oracle
+// runs nn.DataParallel's computation on one device (each torch.chunk of the batch through the
+// model on its own, gradients summed through the concatenated logits, replica 0's BN buffers).
+struct ParityCase {
+  std::string arch;
+  int devices;
+  int batch;
+  int seed;  // the oracle's; chosen so its margin checks pass (see make_oracle.py)
+  std::string name() const {
+    return arch + (devices > 1 ? "_dataparallel" + std::to_string(devices) : "");
+  }
+};
+
+class Parity : public ::testing::TestWithParam<ParityCase> {};
 
 TEST_P(Parity, OneTrainingStepMatchesTorchvision) {
-  const std::string arch = GetParam();
+  const std::string arch = GetParam().arch;
+  const int devices = GetParam().devices;
   const std::string reason = oracle_unavailable();
   if (!reason.empty()) GTEST_SKIP() << "PyTorch oracle unavailable: " << reason;
 
   // 1. The oracle.
-  const std::string out = std::string(DPT_BINARY_DIR) + "/parity_" + arch + ".h5";
-  const std::string log = std::string(DPT_BINARY_DIR) + "/parity_" + arch + ".log";
+  const std::string out = std::string(DPT_BINARY_DIR) + "/parity_" + GetParam().name() + ".h5";
+  const std::string log = std::string(DPT_BINARY_DIR) + "/parity_" + GetParam().name() + ".log";
   const std::string cmd = std::string(kPython) + " '" + DPT_SOURCE_DIR +
-                          "/tests/parity/make_oracle.py' --model " + arch +
-                          " --batch 2 --size 64 --classes 10 --seed 0 --out '" + out + "' " +
+                          "/tests/parity/make_oracle.py' --model " + arch + " --batch " +
+                          std::to_string(GetParam().batch) + " --chunks " +
+                          std::to_string(devices) + " --size 64 --classes 10 --seed " +
+                          std::to_string(GetParam().seed) + " --out '" + out + "' " +
                           extra_oracle_args() + " >'" + log + "' 2>&1";
   const auto t0 = std::chrono::steady_clock::now();
   const int status = std::system(cmd.c_str());
@@ -254,10 +271,24 @@ TEST_P(Parity, OneTrainingStepMatchesTorchvision) {
   const double eval_err = dpt::relative_error(eval_logits, read_tensor(file, "eval_logits"));
   EXPECT_LE(eval_err, kLogitsTol) << "eval-mode logits";
 
-  // 4. Train mode: forward, loss, backward.
+  // 4. Train mode: forward, loss, backward (through DataParallel when devices > 1; `core` is the
+  // model whose names are torch's: the wrapped one).
+  std::unique_ptr<dpt::DataParallel> dp;
+  dpt::Module* net = model.get();
+  dpt::Module* core = model.get();
+  if (devices > 1) {
+    std::vector<dpt::Device> devs;
+    for (int i = 0; i < devices; ++i) devs.push_back(dpt::Device::cpu(i));
+    const dpt::ArchSpec spec{.arch = arch, .num_classes = 10, .in_channels = 3, .stem = "imagenet"};
+    dp = std::make_unique<dpt::DataParallel>(
+        std::move(model), [&] { return dpt::make_model(spec, 0); }, devs, dpt::BnMode::Local,
+        devices);
+    net = dp.get();
+    core = &dp->module();
+  }
   t2 = clock::now();
-  model->train();
-  Tensor logits = model->forward(x.clone());
+  net->train();
+  Tensor logits = net->forward(x.clone());
   compute += clock::now() - t2;
   const double logits_err = dpt::relative_error(logits, read_tensor(file, "logits"));
   EXPECT_LE(logits_err, kLogitsTol) << "train-mode logits";
@@ -268,12 +299,12 @@ TEST_P(Parity, OneTrainingStepMatchesTorchvision) {
   const double loss_err =
       std::abs(double(loss) - double(torch_loss)) / std::abs(double(torch_loss));
   EXPECT_LE(loss_err, kLogitsTol) << "loss: ours " << loss << ", torch " << torch_loss;
-  model->backward(std::move(dlogits));
+  net->backward(std::move(dlogits));
   compute += clock::now() - t2;
 
   Worst grad;
   int grad_bad = 0;
-  for (auto& [name, p] : model->named_parameters()) {
+  for (auto& [name, p] : core->named_parameters()) {
     const double e = dpt::relative_error(p->grad, read_tensor(file, "grads/" + name));
     grad.update(name, e);
     grad_bad += !(e <= kGradTol);
@@ -283,16 +314,20 @@ TEST_P(Parity, OneTrainingStepMatchesTorchvision) {
 
   // 5. One SGD step; the buffers were updated by the train-mode forward.
   t2 = clock::now();
-  dpt::Sgd sgd(dpt::SgdParams{
-      .lr = 0.1f, .momentum = 0.9f, .dampening = 0.0f, .weight_decay = 1e-4f, .nesterov = false});
-  sgd.step(*model);
+  const dpt::SgdParams hyper{
+      .lr = 0.1f, .momentum = 0.9f, .dampening = 0.0f, .weight_decay = 1e-4f, .nesterov = false};
+  if (dp) {
+    dp->for_each_replica([&](dpt::Module& m, int) { dpt::Sgd(hyper).step(m); });
+  } else {
+    dpt::Sgd(hyper).step(*core);
+  }
   compute += clock::now() - t2;
 
   Worst weight, running;
   int weight_bad = 0, running_bad = 0, count_bad = 0;
   std::string count_msg;
   {
-    dpt::StateDict ours = model->state_dict();
+    dpt::StateDict ours = core->state_dict();
     ASSERT_EQ(ours.size(), keys.size());
     for (auto& [name, t] : ours.entries) {
       const Tensor ref = read_tensor(file, "after_step/" + name);
@@ -320,19 +355,22 @@ TEST_P(Parity, OneTrainingStepMatchesTorchvision) {
   EXPECT_EQ(count_bad, 0) << "num_batches_tracked differs, first " << count_msg;
 
   using secs = std::chrono::duration<double>;
-  std::cout << "[  parity  ] " << arch << ": eval logits " << eval_err << ", train logits "
-            << logits_err << ", loss " << loss_err << " (" << loss << " vs " << torch_loss
-            << "), worst grad " << grad.err << " (" << grad.name << "), worst weight after step "
-            << weight.err << " (" << weight.name << "), worst running stat " << running.err << " ("
-            << running.name << ")\n"
-            << "[  parity  ] " << arch << ": oracle " << secs(t1 - t0).count() << " s, dptrain "
-            << secs(compute).count() << " s (eval forward, train forward, loss, backward, SGD step)"
-            << std::endl;
+  std::cout << "[  parity  ] " << GetParam().name() << ": eval logits " << eval_err
+            << ", train logits " << logits_err << ", loss " << loss_err << " (" << loss << " vs "
+            << torch_loss << "), worst grad " << grad.err << " (" << grad.name
+            << "), worst weight after step " << weight.err << " (" << weight.name
+            << "), worst running stat " << running.err << " (" << running.name << ")\n"
+            << "[  parity  ] " << GetParam().name() << ": oracle " << secs(t1 - t0).count()
+            << " s, dptrain " << secs(compute).count()
+            << " s (eval forward, train forward, loss, backward, SGD step)" << std::endl;
 }
 
-INSTANTIATE_TEST_SUITE_P(ResNet, Parity, ::testing::Values("resnet18", "resnet152"),
-                         [](const ::testing::TestParamInfo<std::string>& param) {
-                           return param.param;
+INSTANTIATE_TEST_SUITE_P(ResNet, Parity,
+                         ::testing::Values(ParityCase{"resnet18", 1, 2, 0},
+                                           ParityCase{"resnet152", 1, 2, 0},
+                                           ParityCase{"resnet18", 2, 5, 1}),
+                         [](const ::testing::TestParamInfo<ParityCase>& param) {
+                           return param.param.name();
                          });
 
 // torchvision's parameter counts for 1000 classes; needs no oracle.

@@ -171,12 +171,36 @@ class Guard:
                 self.pool_margin = min(self.pool_margin, gap.min().item() / rms)
 
 
-def guarded_pass(model, x, fix):
+def dp_forward(model, x, chunks):
+    """nn.DataParallel's training forward, computed on one device: each torch.chunk of the batch
+    goes through the model on its own (its BatchNorms see only that chunk) and the outputs are
+    concatenated, so backward sums the chunks' gradients. Returns the logits and the BatchNorm
+    buffers after the first chunk, which restore_buffers() puts back once backward is done
+    (DataParallel keeps replica 0's; autograd forbids changing them before)."""
+    if chunks == 1:
+        return model(x), None
+    outs, kept = [], None
+    for i, xc in enumerate(torch.chunk(x, chunks)):
+        outs.append(model(xc))
+        if i == 0:
+            kept = {k: v.clone() for k, v in model.named_buffers()}
+    return torch.cat(outs), kept
+
+
+def restore_buffers(model, kept):
+    if kept is None:
+        return
+    with torch.no_grad():
+        for k, v in model.named_buffers():
+            v.copy_(kept[k])
+
+
+def guarded_pass(model, x, fix, chunks):
     """A no-grad train-mode forward under a Guard; BatchNorm buffers are restored afterwards."""
     saved = {k: v.clone() for k, v in model.named_buffers()}
     guard = Guard(model, fix)
     with torch.no_grad():
-        model(x)
+        dp_forward(model, x, chunks)
     guard.remove()
     with torch.no_grad():
         for k, v in model.named_buffers():
@@ -193,6 +217,8 @@ def main():
     ap.add_argument("--size", type=int, default=64)
     ap.add_argument("--classes", type=int, default=10)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--chunks", type=int, default=1,
+                    help="compute nn.DataParallel's step over this many devices (see dp_forward)")
     ap.add_argument("--init", choices=["conditioned", "torchvision"], default="conditioned")
     ap.add_argument("--dtype", choices=["float32", "float64"], default="float32")
     ap.add_argument("--activations", action="store_true",
@@ -215,7 +241,14 @@ def main():
         with torch.no_grad():
             for bn, b in zip(bns, drawn_bias):
                 bn.bias.copy_(b)
-        fixed = guarded_pass(model, x, fix=True)
+        # With several chunks a nudge for one chunk can move another's values near a kink: repeat
+        # until a pass needs no nudge.
+        fixed = guarded_pass(model, x, fix=True, chunks=args.chunks)
+        for _ in range(8):
+            again = guarded_pass(model, x, fix=True, chunks=args.chunks)
+            fixed.nudges += again.nudges
+            if again.nudges == 0:
+                break
         if fixed.pool_margin >= POOL_TAU:  # the ReLU inputs are clear by construction
             break
     else:
@@ -232,6 +265,7 @@ def main():
         f.create_dataset("keys", data=np.array([k.encode("ascii") for k in keys]))
         f.attrs["model"] = args.model
         f.attrs["init"] = args.init
+        f.attrs["chunks"] = args.chunks
         f.attrs["bias_nudges"] = fixed.nudges
         f.attrs["batch_draws"] = draw + 1
         sd = f.create_group("state_dict")
@@ -255,7 +289,7 @@ def main():
                     m.register_forward_hook(hook(name))
 
         guard = Guard(model, fix=False)  # the margins this forward actually met
-        logits = model(x)
+        logits, kept = dp_forward(model, x, args.chunks)
         guard.remove()
         if guard.relu_margin < RELU_TAU / 2 or guard.pool_margin < POOL_TAU / 2:
             # The guard pass and this forward differ only by rounding (bias + shift vs input +
@@ -270,6 +304,7 @@ def main():
         f.attrs["maxpool_margin"] = guard.pool_margin
         loss = torch.nn.CrossEntropyLoss()(logits, t)
         loss.backward()
+        restore_buffers(model, kept)
         write_tensor(f, "logits", logits)
         write_tensor(f, "loss", loss)
         g = f.create_group("grads")
