@@ -37,7 +37,7 @@ int run(int argc, char** argv) {
 
   dpt::TrainConfig cfg;
   cfg.arch.arch = "resnet152";
-  cfg.arch.stem = "small";
+  cfg.arch.stem = "imagenet";
   cfg.arch.num_classes = -1;  // -1: the dataset's
   cfg.arch.in_channels = -1;
   std::string devices = "cpu";
