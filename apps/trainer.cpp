@@ -227,7 +227,6 @@ TrainResult train(TrainConfig cfg) {
     progress.line(buf);
   };
 
-  Tensor dlogits;
   Batch batch;
   for (int64_t epoch = 0; step < total; ++epoch) {
     loader.start_epoch(epoch);
@@ -235,14 +234,12 @@ TrainResult train(TrainConfig cfg) {
       const float lr = sched.lr_at(step);
       model->zero_grad();
       Tensor logits = model->forward(on_device(batch.images, dev));
-      if (!dlogits.defined() || dlogits.shape() != logits.shape())
-        dlogits = Tensor(logits.shape(), DType::F32, dev);
+      Tensor dlogits(logits.shape(), DType::F32, dev);
       Tensor labels = on_device(batch.labels, dev);
       const float loss = softmax_cross_entropy(logits, labels, &dlogits);
       DPT_CHECK(std::isfinite(loss), NumericError, "loss became ", loss, " at step ", step + 1,
                 ": training diverged; lower --lr (now ", cfg.lr, ") or raise --warmup-steps");
       model->backward(std::move(dlogits));
-      dlogits = Tensor();
       if (dp) {
         dp->for_each_replica([&](Module& m, int r) {
           opts[size_t(r)].set_lr(lr);

@@ -4,8 +4,6 @@
 //   relu_backward_(g, y): g = g * [y > 0]      (y is the ReLU's output)
 //   add_(y, x):         y = y + x              (residual add)
 //   add_relu_(y, x):    y = max(y + x, 0)      (residual add fused with the block's last ReLU)
-//   scale_(x, a):       x = a * x
-//   axpy_(y, a, x):     y = y + a * x
 #pragma once
 
 #include "core/tensor.h"
@@ -18,9 +16,8 @@ namespace dpt {
   void relu_(Tensor& x);                           \
   void relu_backward_(Tensor& g, const Tensor& y); \
   void add_(Tensor& y, const Tensor& x);           \
-  void add_relu_(Tensor& y, const Tensor& x);      \
-  void scale_(Tensor& x, float a);                 \
-  void axpy_(Tensor& y, float a, const Tensor& x);
+  void add_relu_(Tensor& y, const Tensor& x);
+
 namespace cpu {
 DPT_ELEMENTWISE_KERNELS
 }  // namespace cpu
@@ -39,12 +36,6 @@ inline void add_(Tensor& y, const Tensor& x) {
 }
 inline void add_relu_(Tensor& y, const Tensor& x) {
   DPT_ON_DEVICE(y.device(), add_relu_, y, x);
-}
-inline void scale_(Tensor& x, float a) {
-  DPT_ON_DEVICE(x.device(), scale_, x, a);
-}
-inline void axpy_(Tensor& y, float a, const Tensor& x) {
-  DPT_ON_DEVICE(y.device(), axpy_, y, a, x);
 }
 
 }  // namespace dpt

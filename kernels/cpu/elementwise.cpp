@@ -31,11 +31,5 @@ void add_(Tensor& y, const Tensor& x) {
 void add_relu_(Tensor& y, const Tensor& x) {
   each(y, &x, [](float a, float b) { return a + b > 0 ? a + b : 0.0f; });
 }
-void scale_(Tensor& x, float a) {
-  each(x, nullptr, [a](float v, float) { return a * v; });
-}
-void axpy_(Tensor& y, float a, const Tensor& x) {
-  each(y, &x, [a](float v, float u) { return v + a * u; });
-}
 
 }  // namespace dpt::cpu
