@@ -6,9 +6,11 @@
 #include <cstdio>
 #include <iostream>
 #include <nlohmann/json.hpp>
+#include <thread>
 
 #include "apps/trainer.h"
 #include "core/error.h"
+#include "parallel/mpi.h"
 
 namespace {
 
@@ -29,7 +31,7 @@ void add_model_flags(CLI::App& cmd, dpt::ArchSpec& arch) {
                "start each residual branch's last BatchNorm at zero");
 }
 
-int run(int argc, char** argv) {
+int run(int argc, char** argv, const dpt::MpiRuntime* mpi) {
   CLI::App app{"dptrain: a C++ ResNet trainer with PyTorch DataParallel's naming"};
   app.require_subcommand(1);
   app.option_defaults()->multi_option_policy(CLI::MultiOptionPolicy::TakeLast);
@@ -59,7 +61,13 @@ int run(int argc, char** argv) {
                    "BatchNorm across DataParallel replicas: sync (as one device) or local "
                    "(per-replica statistics, PyTorch DataParallel)")
       ->capture_default_str();
-  train->add_option("--batch-size", cfg.batch_size, "samples per step")->capture_default_str();
+  train
+      ->add_option("--bucket-mb", cfg.bucket_mb,
+                   "DataParallel gradient bucket size in MiB, reduced while backward runs "
+                   "(0: one bucket after backward)")
+      ->capture_default_str();
+  train->add_option("--batch-size", cfg.batch_size, "samples per step (all devices together)")
+      ->capture_default_str();
   train->add_option("--epochs", cfg.epochs, "passes over the training set")->capture_default_str();
   train->add_option("--max-steps", cfg.max_steps, "stop after N steps");
   train->add_option("--lr", cfg.lr, "peak learning rate")->capture_default_str();
@@ -111,7 +119,21 @@ int run(int argc, char** argv) {
     return 0;
   }
   cfg.devices = dpt::parse_devices(devices);
+  if (mpi) {
+    // One replica per process (DistributedDataParallel style): "auto" means this rank's share.
+    if (devices == "auto") cfg.devices = {dpt::Device::cpu()};
+    if (cfg.devices.size() != 1)
+      throw dpt::UsageError(
+          "under mpirun each process drives one device; pass --devices cpu "
+          "(or auto), not " +
+          devices);
+    cfg.group = mpi->group();
+    if (cfg.threads == 0)
+      cfg.threads = std::max(1, int(std::thread::hardware_concurrency()) / mpi->local_size());
+  }
+  const bool logger = !mpi || mpi->rank() == 0;
   dpt::TrainResult r = dpt::train(cfg);
+  if (!logger) return 0;
   std::fprintf(stderr, "done: %lld steps in %.1f s, train loss %.4f, %.1f img/s",
                (long long)r.steps, r.seconds, r.train_loss, r.images_per_second);
   if (r.test_accuracy >= 0) std::fprintf(stderr, ", test accuracy %.2f%%", 100 * r.test_accuracy);
@@ -123,7 +145,11 @@ int run(int argc, char** argv) {
                      {"images_per_second", r.images_per_second},
                      {"seconds", r.seconds},
                      {"parameters", r.parameters}};
-    if (r.communication_seconds >= 0) j["communication_seconds"] = r.communication_seconds;
+    if (r.communication_seconds >= 0) {
+      j["communication_seconds"] = r.communication_seconds;
+      j["exposed_communication_seconds"] = r.exposed_communication_seconds;
+      j["gradient_buckets"] = r.gradient_buckets;
+    }
     if (r.test_accuracy >= 0) {
       j["test_accuracy"] = r.test_accuracy;
       j["test_loss"] = r.test_loss;
@@ -140,16 +166,22 @@ int main(int argc, char** argv) {
   // maximum) in the heap instead of returning them to the kernel, which costs page faults.
   mallopt(M_MMAP_THRESHOLD, 32 << 20);
   mallopt(M_TRIM_THRESHOLD, 512 << 20);
+  std::unique_ptr<dpt::MpiRuntime> mpi;
+  // Under mpirun any failure brings every rank down (MPI_Abort) rather than leaving them waiting.
+  auto fail = [&](int code, const char* what, bool usage) {
+    if (mpi && mpi->size() > 1) mpi->abort(what);
+    std::fprintf(stderr, "dptrain: error: %s\n%s", what, usage ? kUsage : "");
+    if (usage) std::fprintf(stderr, "\n");
+    return code;
+  };
   try {
-    return run(argc, argv);
+    if (dpt::MpiRuntime::launched()) mpi = std::make_unique<dpt::MpiRuntime>(&argc, &argv);
+    return run(argc, argv, mpi.get());
   } catch (const dpt::UsageError& e) {
-    std::fprintf(stderr, "dptrain: error: %s\n%s\n", e.what(), kUsage);
-    return 2;
+    return fail(2, e.what(), true);
   } catch (const dpt::ConfigError& e) {
-    std::fprintf(stderr, "dptrain: error: %s\n", e.what());
-    return 2;
+    return fail(2, e.what(), false);
   } catch (const std::exception& e) {
-    std::fprintf(stderr, "dptrain: error: %s\n", e.what());
-    return 1;
+    return fail(1, e.what(), false);
   }
 }

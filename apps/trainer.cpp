@@ -34,11 +34,13 @@ std::string hms(double s) {
 // A progress bar on a terminal, plain log lines otherwise; both on stderr.
 class Progress {
  public:
-  Progress(int64_t total, int64_t log_every, bool bar)
-      : total_(total),
+  Progress(int64_t total, int64_t log_every, bool bar, bool quiet)
+      : quiet_(quiet),
+        total_(total),
         bar_(bar && isatty(2)),
         every_(log_every > 0 ? log_every : std::max<int64_t>(1, total / 20)) {}
   void step(int64_t step, double loss, double ips, double eta) {
+    if (quiet_) return;
     if (bar_) {
       if (since(last_) < 0.1 && step != total_) return;
       last_ = Clock::now();
@@ -54,24 +56,27 @@ class Progress {
     }
   }
   void line(const std::string& s) {
+    if (quiet_) return;
     if (bar_) std::fprintf(stderr, "\r%-90s\r", "");
     std::fprintf(stderr, "%s\n", s.c_str());
   }
 
  private:
+  bool quiet_;  // not rank 0 of several processes
   int64_t total_;
   bool bar_;
   int64_t every_;
   Clock::time_point last_{};
 };
 
-std::string devices_str(const std::vector<Device>& devs, BnMode bn) {
+std::string devices_str(const std::vector<Device>& devs, BnMode bn, const ProcessGroup& g) {
   std::string s;
   for (const Device& d : devs) {
     if (!s.empty()) s += ',';
     s += d.str();
   }
-  if (devs.size() > 1)
+  if (g.processes > 1) s += " in each of " + std::to_string(g.processes) + " processes";
+  if (devs.size() > 1 || g.processes > 1)
     s += std::string(" (DataParallel, ") + (bn == BnMode::Sync ? "sync" : "local") + " BN)";
   return s;
 }
@@ -171,10 +176,11 @@ TrainResult train(TrainConfig cfg) {
 
   std::unique_ptr<Module> model = make_model(cfg.arch, cfg.seed);
   DataParallel* dp = nullptr;
-  if (cfg.devices.size() > 1) {
+  if (cfg.devices.size() > 1 || cfg.group.processes > 1) {
+    DataParallelOptions dpo{
+        .bn = bn_mode, .threads = cfg.threads, .bucket_mb = cfg.bucket_mb, .group = cfg.group};
     auto wrapped = std::make_unique<DataParallel>(
-        std::move(model), [&] { return make_model(cfg.arch, cfg.seed); }, cfg.devices, bn_mode,
-        cfg.threads);
+        std::move(model), [&] { return make_model(cfg.arch, cfg.seed); }, cfg.devices, dpo);
     dp = wrapped.get();
     model = std::move(wrapped);
   } else {
@@ -199,11 +205,12 @@ TrainResult train(TrainConfig cfg) {
   for (size_t r = 0; r < cfg.devices.size(); ++r)
     opts.emplace_back(SgdParams{cfg.lr, cfg.momentum, 0.0f, cfg.weight_decay, cfg.nesterov});
 
-  MetricsWriter metrics(cfg.metrics_path);
-  Progress progress(total, cfg.log_every, cfg.progress_bar);
+  const bool logger = cfg.group.rank == 0;  // only rank 0 of several processes writes
+  MetricsWriter metrics(logger ? cfg.metrics_path : "");
+  Progress progress(total, cfg.log_every, cfg.progress_bar, !logger);
   progress.line("dptrain: " + cfg.arch.arch + " (" + std::to_string(res.parameters) +
-                " parameters) on " + devices_str(cfg.devices, bn_mode) + ", " + train_set->name() +
-                " " + std::to_string(train_set->size()) + " samples, batch " +
+                " parameters) on " + devices_str(cfg.devices, bn_mode, cfg.group) + ", " +
+                train_set->name() + " " + std::to_string(train_set->size()) + " samples, batch " +
                 std::to_string(cfg.batch_size) + ", " + std::to_string(total) + " steps, " +
                 std::to_string(omp_get_max_threads()) + " threads");
 
@@ -272,7 +279,11 @@ TrainResult train(TrainConfig cfg) {
   const double steady = since(steady_start) - eval_seconds;
   res.images_per_second = steady_images > 0 && steady > 0 ? double(steady_images) / steady : 0;
   res.seconds = since(t0);
-  if (dp) res.communication_seconds = dp->communication_seconds();
+  if (dp) {
+    res.communication_seconds = dp->communication_seconds();
+    res.exposed_communication_seconds = dp->exposed_communication_seconds();
+    res.gradient_buckets = int64_t(dp->buckets().size());
+  }
   res.svg_path = metrics.write_svg();
   return res;
 }

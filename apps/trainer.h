@@ -8,6 +8,7 @@
 
 #include "core/device.h"
 #include "models/arch.h"
+#include "parallel/communicator.h"
 
 namespace dpt {
 
@@ -21,6 +22,8 @@ struct TrainConfig {
   int64_t image_size = 32;                     // synthetic only
   std::vector<Device> devices{Device::cpu()};  // more than one: DataParallel over them
   std::string bn = "sync";  // DataParallel BatchNorm: sync (SyncBatchNorm) or local (per replica)
+  double bucket_mb = 25;    // DataParallel gradient bucket size (0: one bucket after backward)
+  ProcessGroup group;       // several processes (mpirun): one replica each; rank 0 logs
   int64_t batch_size = 128;
   int64_t epochs = 1;
   int64_t max_steps = -1;  // stop after this many steps (-1: run all epochs)
@@ -48,7 +51,9 @@ struct TrainResult {
   double images_per_second = 0;  // steady state, warm-up steps excluded
   double seconds = 0;            // whole run, evaluation included
   int64_t parameters = 0;
-  double communication_seconds = -1;  // DataParallel: time in the gradient all-reduce
+  double communication_seconds = -1;          // DataParallel: time in the gradient all-reduces
+  double exposed_communication_seconds = -1;  // the part of it not hidden behind backward
+  int64_t gradient_buckets = 0;
   std::string svg_path;
 };
 

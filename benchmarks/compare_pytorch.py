@@ -106,6 +106,14 @@ def markdown_table(header, rows):
                      + [fmt(r) for r in rows])
 
 
+def report(table, note, markdown_path):
+    """Prints the table and its note; also writes them to markdown_path when given."""
+    print(table + "\n\n" + note)
+    if markdown_path:
+        with open(markdown_path, "w") as f:
+            f.write(table + "\n\n" + note + "\n")
+
+
 def main():
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--configs", nargs="+", default=DEFAULT_CONFIGS,
@@ -169,11 +177,7 @@ def main():
     machine = (f"Machine: {cpu_model()}, {os.cpu_count()} cores; PyTorch {torch_version}; "
                f"threads: {args.threads}; steps: {args.steps} (first {warmup_steps(args.steps)} "
                f"not timed), best of {args.repeat}.\nCommand: `{command}`")
-    table = markdown_table(header, rows)
-    print(table + "\n\n" + machine)
-    if args.markdown:
-        with open(args.markdown, "w") as f:
-            f.write(table + "\n\n" + machine + "\n")
+    report(markdown_table(header, rows), machine, args.markdown)
     return 1 if failed else 0
 
 

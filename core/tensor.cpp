@@ -99,6 +99,7 @@ Tensor Tensor::share() const {
   t.shape_ = shape_;
   t.numel_ = numel_;
   t.dtype_ = dtype_;
+  t.offset_ = offset_;
   t.storage_ = storage_;
   return t;
 }
@@ -108,6 +109,17 @@ Tensor Tensor::reshape(Shape shape) const {
             shape_str(shape));
   Tensor t = share();
   t.shape_ = std::move(shape);
+  return t;
+}
+
+Tensor Tensor::view(int64_t start, Shape shape) const {
+  const int64_t n = shape_numel(shape);
+  DPT_ASSERT(defined() && start >= 0 && n <= numel_ - start, "view of ", n, " elements at ", start,
+             " in a tensor of ", numel_);
+  Tensor t = share();
+  t.shape_ = std::move(shape);
+  t.numel_ = n;
+  t.offset_ += size_t(start) * dtype_size(dtype_);
   return t;
 }
 

@@ -62,6 +62,9 @@ class Tensor {
   Tensor clone() const;               // deep copy on the same device
   Tensor share() const;               // second handle on the same storage (no copy)
   Tensor reshape(Shape shape) const;  // shares storage; numel must match
+  // Elements [start, start + numel(shape)) of this tensor as a tensor of `shape` sharing its
+  // storage (DataParallel lays the gradients out as views into its all-reduce buckets).
+  Tensor view(int64_t start, Shape shape) const;
   Tensor to(const Device& d) const;   // deep copy to another device
   Tensor to(DType t) const;           // converted deep copy (CPU)
   void copy_from(const Tensor& src);  // same shape and dtype, any devices
@@ -77,7 +80,7 @@ class Tensor {
   const Device& device() const;
   bool same_storage(const Tensor& o) const { return storage_ == o.storage_; }
 
-  void* raw() const { return storage_ ? storage_->data() : nullptr; }
+  void* raw() const { return storage_ ? static_cast<char*>(storage_->data()) + offset_ : nullptr; }
   template <typename T>
   T* data() const {
     if constexpr (std::is_same_v<T, float>)
@@ -99,6 +102,7 @@ class Tensor {
   Shape shape_;
   int64_t numel_ = 0;
   DType dtype_ = DType::F32;
+  size_t offset_ = 0;  // bytes into storage_
   std::shared_ptr<Storage> storage_;
 };
 

@@ -55,6 +55,7 @@ Tensor Conv2d::backward(Tensor dy) {
   Tensor dx;
   if (input_grad_) dx = Tensor(x_.shape(), DType::F32, x_.device());
   conv2d_backward(dy, x_, weight.value, input_grad_ ? &dx : nullptr, weight.grad, p_);
+  grads_ready();
   release();
   return dx;
 }
@@ -105,6 +106,7 @@ Tensor BatchNorm2d::backward(Tensor dy) {
   batchnorm_backward_reduce(dy, x_, mean_, var_, eps_, sum_dy, sum_dy_xhat);
   add_(weight.grad, sum_dy_xhat);
   add_(bias.grad, sum_dy);
+  grads_ready();
   if (sync_) sync_->reduce_grad_sums(sum_dy, sum_dy_xhat);
   Tensor dx(x_.shape(), DType::F32, x_.device());
   batchnorm_backward_data(dy, x_, mean_, var_, weight.value, sum_dy, sum_dy_xhat, eps_, count_, dx);
@@ -177,6 +179,7 @@ Tensor Linear::forward(Tensor x) {
 Tensor Linear::backward(Tensor dy) {
   Tensor dx(x_.shape(), DType::F32, x_.device());
   linear_backward(dy, x_, weight.value, &dx, weight.grad, bias.grad);
+  grads_ready();
   release();
   return dx;
 }

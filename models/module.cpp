@@ -39,6 +39,12 @@ Tensor& Module::register_buffer(const std::string& name, Tensor value) {
   return *buffers_.back().second;
 }
 
+std::vector<Parameter*> Module::own_parameters() {
+  std::vector<Parameter*> out;
+  for (auto& [n, p] : params_) out.push_back(p.get());
+  return out;
+}
+
 std::vector<std::pair<std::string, Parameter*>> Module::named_parameters(
     const std::string& prefix) {
   std::vector<std::pair<std::string, Parameter*>> out;

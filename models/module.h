@@ -9,6 +9,7 @@
 // Only activation modules (ReLU) may overwrite dy in place; all others leave it untouched.
 #pragma once
 
+#include <functional>
 #include <memory>
 #include <string>
 #include <utility>
@@ -66,6 +67,12 @@ class Module {
   // Drops tensors kept for backward (after backward, or when a forward's output is not used).
   virtual void release() {}
 
+  // This module's own parameters (not its children's), in registration order.
+  std::vector<Parameter*> own_parameters();
+  // Called with this module as soon as its backward has finished writing its own parameters'
+  // gradients (DataParallel starts reducing a bucket once all of its gradients are ready).
+  void set_grad_ready_hook(std::function<void(Module&)> hook) { grad_ready_ = std::move(hook); }
+
  protected:
   Parameter& register_parameter(const std::string& name, Tensor value);
   Tensor& register_buffer(const std::string& name, Tensor value);
@@ -76,12 +83,16 @@ class Module {
     return ref;
   }
   std::vector<std::pair<std::string, std::unique_ptr<Module>>>& children() { return children_; }
+  void grads_ready() {
+    if (grad_ready_) grad_ready_(*this);
+  }
 
  private:
   std::vector<std::pair<std::string, std::unique_ptr<Parameter>>> params_;
   std::vector<std::pair<std::string, std::unique_ptr<Tensor>>> buffers_;
   std::vector<std::pair<std::string, std::unique_ptr<Module>>> children_;
   bool training_ = true;
+  std::function<void(Module&)> grad_ready_;
 };
 
 }  // namespace dpt

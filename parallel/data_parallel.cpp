@@ -9,6 +9,7 @@
 #include <thread>
 
 #include "models/layers.h"
+#include "parallel/reducer.h"
 
 namespace dpt {
 
@@ -109,7 +110,7 @@ class SyncBatchNormHook : public BatchNormSync {
 // replicas blocked in a collective fail too instead of hanging; run() then resets them and
 // rethrows that first failure.
 struct DataParallel::Workers {
-  Workers(int n, int omp_threads, std::function<void()> on_failure)
+  Workers(int n, int omp_threads, std::function<void(const std::string&)> on_failure)
       : abort_collectives(std::move(on_failure)) {
     for (int r = 0; r < n; ++r)
       threads.emplace_back([this, r, omp_threads] { loop(r, omp_threads); });
@@ -141,7 +142,7 @@ struct DataParallel::Workers {
       lk.lock();
       if (error && !first_error) {
         first_error = error;
-        abort_collectives();
+        abort_collectives(message(error));
       }
       if (--pending == 0) done.notify_all();
     }
@@ -157,7 +158,17 @@ struct DataParallel::Workers {
     if (first_error) std::rethrow_exception(first_error);
   }
 
-  std::function<void()> abort_collectives;
+  static std::string message(const std::exception_ptr& e) {
+    try {
+      std::rethrow_exception(e);
+    } catch (const std::exception& x) {
+      return x.what();
+    } catch (...) {
+      return "unknown failure";
+    }
+  }
+
+  std::function<void(const std::string&)> abort_collectives;
   std::mutex mu;
   std::condition_variable start, done;
   const std::function<void(int)>* task = nullptr;
@@ -169,8 +180,8 @@ struct DataParallel::Workers {
 };
 
 DataParallel::DataParallel(std::unique_ptr<Module> module, const Factory& make_replica,
-                           std::vector<Device> devices, BnMode bn, int threads)
-    : devices_(std::move(devices)), bn_(bn) {
+                           std::vector<Device> devices, DataParallelOptions opt)
+    : devices_(std::move(devices)), opt_(std::move(opt)) {
   DPT_CHECK(!devices_.empty(), UsageError, "DataParallel needs at least one device");
   for (const Device& d : devices_) {
     std::string why;
@@ -178,38 +189,58 @@ DataParallel::DataParallel(std::unique_ptr<Module> module, const Factory& make_r
     DPT_CHECK(d.is_cpu(), DeviceError, "DataParallel on ", d.str(),
               " needs the NCCL communicator, which this build does not have yet");
   }
+  DPT_CHECK(opt_.bucket_mb >= 0 && opt_.bucket_mb <= 65536, UsageError,
+            "--bucket-mb must be between 0 and 65536, got ", opt_.bucket_mb);
+  const ProcessGroup& g = opt_.group;
+  DPT_CHECK(g.processes == 1 || devices_.size() == 1, UsageError,
+            "with several processes each process drives one device, but this one was given ",
+            devices_.size());
+  const int n = int(devices_.size());
+  world_ = g.processes * n;
+  first_ = g.rank * n;
   module->to(devices_[0]);
   Module& first = register_module("module", std::move(module));
   replicas_.push_back(&first);
+  if (g.processes > 1) {  // the broadcast from global rank 0
+    for (auto& [name, t] : first.state_dict().entries) comm(world_).broadcast(first_, t, 0);
+  }
   StateDict sd = first.state_dict();
-  for (size_t r = 1; r < devices_.size(); ++r) {
+  for (int r = 1; r < n; ++r) {
     std::unique_ptr<Module> rep = make_replica();
-    rep->to(devices_[r]);
-    rep->load_state_dict(sd, true);  // the broadcast: every replica starts from replica 0
+    rep->to(devices_[size_t(r)]);
+    rep->load_state_dict(sd, true);  // every local replica starts from replica 0
     rep->train(first.is_training());
     replicas_.push_back(rep.get());
     owned_.push_back(std::move(rep));
   }
-  const int n = num_replicas();
-  for (int k = 1; k <= n; ++k) comms_[k] = make_inprocess_communicator(k);
-  if (bn_ == BnMode::Sync) {
+  grad_comm_ = g.make(world_);
+  const size_t bucket_bytes = size_t(opt_.bucket_mb * (1 << 20));
+  for (int r = 0; r < n; ++r)
+    reducers_.push_back(std::make_unique<GradReducer>(*replicas_[size_t(r)], first_ + r,
+                                                      *grad_comm_, bucket_bytes));
+  if (opt_.bn == BnMode::Sync) {
     for (int r = 0; r < n; ++r) {
-      hooks_.push_back(std::make_unique<SyncBatchNormHook>(*this, r));
+      hooks_.push_back(std::make_unique<SyncBatchNormHook>(*this, first_ + r));
       for (auto& [name, m] : replicas_[size_t(r)]->named_modules())
         if (auto* b = dynamic_cast<BatchNorm2d*>(m)) b->set_sync(hooks_.back().get());
     }
   }
-  flat_grads_.resize(size_t(n));
-  const int total = threads > 0 ? threads : omp_get_max_threads();
-  workers_ = std::make_unique<Workers>(n, std::max(1, total / n), [this] {
-    for (auto& [k, c] : comms_) c->abort();
-  });
+  const int total = opt_.threads > 0 ? opt_.threads : omp_get_max_threads();
+  workers_ = std::make_unique<Workers>(n, std::max(1, total / n),
+                                       [this](const std::string& why) { abort_all(why); });
 }
 
 DataParallel::~DataParallel() = default;
 
+Communicator& DataParallel::comm(int k) {
+  auto it = comms_.find(k);
+  if (it == comms_.end()) it = comms_.emplace(k, opt_.group.make(k)).first;
+  DPT_ASSERT(it->second, "this process has no replica among the first ", k, " ranks");
+  return *it->second;
+}
+
 std::vector<int64_t> DataParallel::chunk_sizes(int64_t n) const {
-  const int64_t d = int64_t(devices_.size()), chunk = (n + d - 1) / d;
+  const int64_t d = world_, chunk = (n + d - 1) / d;
   std::vector<int64_t> sizes;
   for (int64_t at = 0; at < n; at += chunk) sizes.push_back(std::min(chunk, n - at));
   return sizes;
@@ -221,16 +252,107 @@ std::vector<int64_t> DataParallel::chunk_offsets() const {
   return offsets;
 }
 
+std::vector<std::vector<std::string>> DataParallel::buckets() const {
+  return reducers_[0]->bucket_names();
+}
+double DataParallel::communication_seconds() const {
+  return reducers_[0]->comm_seconds();
+}
+double DataParallel::exposed_communication_seconds() const {
+  return reducers_[0]->exposed_seconds();
+}
+
 void DataParallel::for_each_replica(const std::function<void(Module&, int)>& f) {
   run([&](int r) { f(*replicas_[size_t(r)], r); });
+}
+
+void DataParallel::abort_all(const std::string& why) {
+  for (auto& r : reducers_) r->cancel();
+  grad_comm_->abort(why);
+  for (auto& [k, c] : comms_)
+    if (c) c->abort(why);
 }
 
 void DataParallel::run(const std::function<void(int)>& f) {
   try {
     workers_->run(f);
   } catch (...) {
-    for (auto& [k, c] : comms_) c->reset();
+    // Every replica has left the task; wait for their communication threads to leave theirs
+    // (aborted collectives throw) before the communicators are made usable again.
+    for (auto& r : reducers_) r->wait_idle();
+    grad_comm_->reset();
+    for (auto& [k, c] : comms_)
+      if (c) c->reset();
     throw;
+  }
+}
+
+// The shape of global rank 0's `t` (rank -1 dims: undefined) on every process. Only needed when
+// some processes have no chunk this step and so cannot know it themselves.
+namespace {
+Shape shape_of_rank0(Communicator& world, int rank, const Tensor& t) {
+  Tensor s = Tensor::zeros({9}, DType::I64);
+  int64_t* p = s.data<int64_t>();
+  p[0] = t.defined() ? t.ndim() : -1;
+  DPT_ASSERT(p[0] <= 8, "gather of a tensor with ", p[0], " dims");
+  for (int i = 0; i < t.ndim() && t.defined(); ++i) p[1 + i] = t.dim(i);
+  world.broadcast(rank, s, 0);
+  if (p[0] < 0) return {-1};
+  return Shape(p + 1, p + 1 + p[0]);
+}
+}  // namespace
+
+Tensor DataParallel::gather(std::vector<Tensor>& local) {
+  const int k = active();
+  if (opt_.group.processes == 1) {
+    if (!local[0].defined()) return Tensor();
+    local.resize(size_t(k));
+    return cat_rows(local, devices_[0]);
+  }
+  // One replica per process: every process contributes its chunk, padded to the largest.
+  Tensor& mine = local[0];
+  Shape shape = k < world_ ? shape_of_rank0(comm(world_), first_, mine) : Shape{};
+  if (k == world_) {
+    if (!mine.defined()) return Tensor();
+    shape = mine.shape();
+  }
+  if (shape == Shape{-1}) return Tensor();
+  DPT_ASSERT(!mine.defined() || mine.dtype() == DType::F32, "DataParallel gathers float32");
+  const int64_t row = shape_numel(shape) / shape[0], most = sizes_[0];
+  Tensor padded = Tensor::zeros({most * row});
+  if (mine.defined())
+    device_copy(Device::cpu(), padded.raw(), mine.device(), mine.raw(), mine.nbytes());
+  Tensor all({world_ * most * row});
+  comm(world_).all_gather(first_, padded, all);
+  Shape out_shape = shape;
+  out_shape[0] = 0;
+  for (int64_t s : sizes_) out_shape[0] += s;
+  Tensor out(out_shape, DType::F32, devices_[0]);
+  int64_t at = 0;
+  for (int g = 0; g < k; ++g) {
+    device_copy(devices_[0], out.data<float>() + at * row, Device::cpu(),
+                all.data<float>() + g * most * row,
+                size_t(sizes_[size_t(g)] * row) * sizeof(float));
+    at += sizes_[size_t(g)];
+  }
+  return out;
+}
+
+void DataParallel::copy_buffers_from_rank0() {
+  auto keep = replicas_[0]->named_buffers();
+  if (opt_.group.processes > 1) {
+    std::vector<Tensor*> floats;
+    for (auto& [name, t] : keep) {
+      if (t->dtype() == DType::F32)
+        floats.push_back(t);
+      else
+        comm(world_).broadcast(first_, *t, 0);
+    }
+    broadcast(comm(world_), first_, floats, 0, size_t(4) << 20);
+  }
+  for (size_t r = 1; r < replicas_.size(); ++r) {
+    auto other = replicas_[r]->named_buffers();
+    for (size_t i = 0; i < keep.size(); ++i) other[i].second->copy_from(*keep[i].second);
   }
 }
 
@@ -238,62 +360,39 @@ Tensor DataParallel::forward(Tensor x) {
   DPT_CHECK(x.ndim() >= 1 && x.dim(0) >= 1, ConfigError, "DataParallel got an empty batch ",
             shape_str(x.shape()));
   sizes_ = chunk_sizes(x.dim(0));
-  const int k = int(sizes_.size());
+  const int k = active();
+  // SyncBatchNorm's communicator for this k, made here, on every process (it is collective).
+  if (is_training() && opt_.bn == BnMode::Sync && !comms_.count(k))
+    comms_.emplace(k, opt_.group.make(k));
   const std::vector<int64_t> offsets = chunk_offsets();
-  std::vector<Tensor> outs(static_cast<size_t>(k));
+  std::vector<Tensor> outs(replicas_.size());
   run([&](int r) {
-    if (r >= k) return;
+    const int g = first_ + r;
+    if (g >= k) return;
     outs[size_t(r)] = replicas_[size_t(r)]->forward(
-        rows(x, offsets[size_t(r)], sizes_[size_t(r)], devices_[size_t(r)]));
+        rows(x, offsets[size_t(g)], sizes_[size_t(g)], devices_[size_t(r)]));
   });
-  if (is_training() && bn_ == BnMode::Local) {
-    auto keep = replicas_[0]->named_buffers();
-    for (size_t r = 1; r < replicas_.size(); ++r) {
-      auto other = replicas_[r]->named_buffers();
-      for (size_t i = 0; i < keep.size(); ++i) other[i].second->copy_from(*keep[i].second);
-    }
-  }
-  return cat_rows(outs, devices_[0]);
-}
-
-void DataParallel::all_reduce_grads(int rank) {
-  if (num_replicas() == 1) return;
-  const auto t0 = std::chrono::steady_clock::now();
-  auto params = replicas_[size_t(rank)]->named_parameters();
-  int64_t total = 0;
-  for (auto& [n, p] : params) total += p->grad.numel();
-  Tensor& flat = flat_grads_[size_t(rank)];
-  if (!flat.defined() || flat.numel() != total) flat = Tensor({total});
-  int64_t at = 0;
-  for (auto& [n, p] : params) {
-    device_copy(flat.device(), flat.data<float>() + at, p->grad.device(), p->grad.raw(),
-                p->grad.nbytes());
-    at += p->grad.numel();
-  }
-  comm(num_replicas()).all_reduce_sum(rank, flat);
-  at = 0;
-  for (auto& [n, p] : params) {
-    device_copy(p->grad.device(), p->grad.raw(), flat.device(), flat.data<float>() + at,
-                p->grad.nbytes());
-    at += p->grad.numel();
-  }
-  if (rank == 0)
-    comm_seconds_ += std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+  if (is_training() && opt_.bn == BnMode::Local) copy_buffers_from_rank0();
+  return gather(outs);
 }
 
 Tensor DataParallel::backward(Tensor dy) {
   DPT_ASSERT(!sizes_.empty(), "DataParallel::backward without a forward");
-  const int k = int(sizes_.size());
+  const int k = active();
   const std::vector<int64_t> offsets = chunk_offsets();
-  std::vector<Tensor> dxs(static_cast<size_t>(k));
+  std::vector<Tensor> dxs(replicas_.size());
+  for (auto& r : reducers_) r->begin();
   run([&](int r) {
-    if (r < k)
-      dxs[size_t(r)] = replicas_[size_t(r)]->backward(
-          rows(dy, offsets[size_t(r)], sizes_[size_t(r)], devices_[size_t(r)]));
-    all_reduce_grads(r);
+    const int g = first_ + r;
+    Module& m = *replicas_[size_t(r)];
+    if (g < k)
+      dxs[size_t(r)] =
+          m.backward(rows(dy, offsets[size_t(g)], sizes_[size_t(g)], devices_[size_t(r)]));
+    else
+      m.zero_grad();  // no chunk this step: contributes nothing to the sum
+    reducers_[size_t(r)]->finish();
   });
-  if (!dxs[0].defined()) return Tensor();
-  return cat_rows(dxs, devices_[0]);
+  return gather(dxs);
 }
 
 void DataParallel::train(bool on) {

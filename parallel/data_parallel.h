@@ -3,12 +3,17 @@
 // The wrapped module is replica 0 and is registered as the child "module", so
 // named_parameters(), named_buffers() and state_dict() carry PyTorch's "module." prefix
 // ("module.module." when wrapped twice). The other replicas are built once by the factory, get
-// replica 0's parameters and buffers, and stay resident on their devices: no per-step
-// re-replication. forward() splits the batch along dim 0 with torch.chunk semantics (chunks of
-// ceil(N / devices), the last one smaller, fewer replicas when N is small), runs the replicas in
-// parallel, one thread each, and gathers the outputs on the first device. backward() scatters dy
-// the same way and then all-reduces (sums) the gradients, so every replica holds the gradient of
-// the whole batch and applies the same optimizer step (for_each_replica).
+// replica 0's parameters and buffers (the broadcast) and stay resident on their devices: no
+// per-step re-replication. forward() splits the batch along dim 0 with torch.chunk semantics
+// (chunks of ceil(N / replicas), the last one smaller, fewer replicas when N is small), runs the
+// replicas in parallel, one thread each, and gathers the outputs on the first device. backward()
+// scatters dy the same way; each replica's GradReducer all-reduces (sums) its gradients bucket by
+// bucket while backward runs, so every replica ends with the gradient of the whole batch and
+// applies the same optimizer step (for_each_replica).
+//
+// Several processes (mpirun): each process holds one replica of the job and passes the same
+// global batch; it runs its own chunk and the outputs are all-gathered, so every process sees the
+// whole batch's output exactly as with in-process replicas.
 //
 // BatchNorm: BnMode::Local is PyTorch DataParallel's behaviour (each replica normalises with its
 // own chunk's statistics; replica 0's running statistics are kept and copied to the others after
@@ -31,12 +36,18 @@ namespace dpt {
 enum class BnMode { Local, Sync };
 BnMode parse_bn_mode(const std::string& s);  // "local" | "sync"
 
+struct DataParallelOptions {
+  BnMode bn = BnMode::Local;
+  int threads = 0;          // CPU threads shared among this process's replicas (0: all cores)
+  double bucket_mb = 25;    // gradient bucket size in MiB; 0: one bucket after backward
+  ProcessGroup group = {};  // several processes: one device each
+};
+
 class DataParallel : public Module {
  public:
   using Factory = std::function<std::unique_ptr<Module>()>;
-  // threads: CPU threads shared among the replicas (0: all cores).
   DataParallel(std::unique_ptr<Module> module, const Factory& make_replica,
-               std::vector<Device> devices, BnMode bn = BnMode::Local, int threads = 0);
+               std::vector<Device> devices, DataParallelOptions opt = {});
   ~DataParallel() override;
 
   std::string kind() const override { return "DataParallel"; }
@@ -48,36 +59,46 @@ class DataParallel : public Module {
   void release() override;
 
   Module& module() { return *replicas_[0]; }
+  // This process's replicas (all of them unless several processes share the job).
   Module& replica(int r) { return *replicas_.at(size_t(r)); }
   int num_replicas() const { return int(replicas_.size()); }
+  int world_size() const { return world_; }  // replicas in all processes
+  int first_rank() const { return first_; }  // global rank of replica(0)
   const std::vector<Device>& devices() const { return devices_; }
-  BnMode bn_mode() const { return bn_; }
-  // torch.chunk sizes for a batch of n rows over this group's devices.
+  BnMode bn_mode() const { return opt_.bn; }
+  // torch.chunk sizes for a batch of n rows over all replicas of the job.
   std::vector<int64_t> chunk_sizes(int64_t n) const;
-  // Runs f(replica, rank) for every replica on its own thread and waits for all of them.
+  // Runs f(replica, r) for every replica of this process on its own thread and waits for all.
   void for_each_replica(const std::function<void(Module&, int)>& f);
-  // The communicator among the first k replicas, and k for the current step (the replicas that
-  // received a chunk of the last forward's batch).
-  Communicator& comm(int k) { return *comms_.at(k); }
+  // The communicator among global ranks [0, k) (created on first use, collectively), and k for
+  // the current step: the replicas that received a chunk of the last forward's batch.
+  Communicator& comm(int k);
   int active() const { return int(sizes_.size()); }
-  // Seconds replica 0 has spent in the gradient all-reduce (not overlapped with backward yet).
-  double communication_seconds() const { return comm_seconds_; }
+  // Gradient buckets of replica(0), each a list of parameter names (without "module.").
+  std::vector<std::vector<std::string>> buckets() const;
+  // Seconds replica 0 has spent in gradient all-reduces, and the part of them not hidden behind
+  // backward (the time backward's end waited for the last buckets).
+  double communication_seconds() const;
+  double exposed_communication_seconds() const;
 
  private:
   struct Workers;
   void run(const std::function<void(int)>& f);  // on every replica's thread; rethrows a failure
-  void all_reduce_grads(int rank);
+  void abort_all(const std::string& why);
   std::vector<int64_t> chunk_offsets() const;  // first row of each chunk of the last forward
+  Tensor gather(std::vector<Tensor>& local);   // this process's outputs -> the whole batch's
+  void copy_buffers_from_rank0();
 
   std::vector<Device> devices_;
-  BnMode bn_;
+  DataParallelOptions opt_;
+  int world_ = 1, first_ = 0;
   std::vector<Module*> replicas_;  // [0] is the registered child "module"
   std::vector<std::unique_ptr<Module>> owned_;
-  std::map<int, std::unique_ptr<Communicator>> comms_;
+  std::map<int, std::unique_ptr<Communicator>> comms_;  // null: none of our ranks is in [0, k)
+  std::unique_ptr<Communicator> grad_comm_;             // all ranks; used by the reducers only
+  std::vector<std::unique_ptr<class GradReducer>> reducers_;
   std::vector<std::unique_ptr<class SyncBatchNormHook>> hooks_;
-  std::vector<Tensor> flat_grads_;
   std::vector<int64_t> sizes_;  // chunk sizes of the last forward
-  double comm_seconds_ = 0;
   std::unique_ptr<Workers> workers_;
 };
 

@@ -68,7 +68,8 @@ class Barrier {
 
 class InProcessCommunicator : public Communicator {
  public:
-  explicit InProcessCommunicator(int n) : n_(n), barrier_(n), slots_(size_t(n)) {}
+  explicit InProcessCommunicator(int n)
+      : n_(n), barrier_(n), slots_(size_t(n)), bytes_(size_t(n)) {}
   int size() const override { return n_; }
   std::string kind() const override { return "in-process"; }
 
@@ -87,16 +88,32 @@ class InProcessCommunicator : public Communicator {
     barrier_.arrive_and_wait();
   }
 
-  void broadcast(int rank, Tensor& t, int root) override {
+  void reduce_sum(int rank, Tensor& t, int root) override {
     check(rank, t);
-    DPT_ASSERT(root >= 0 && root < n_, "broadcast root ", root);
+    DPT_ASSERT(root >= 0 && root < n_, "reduce root ", root);
     slots_[size_t(rank)] = t.data<float>();
     barrier_.arrive_and_wait();
-    if (rank != root) std::memcpy(t.raw(), slots_[size_t(root)], t.nbytes());
+    // Every rank sums its slice of the elements in rank order, straight into root's tensor.
+    const int64_t n = t.numel(), lo = n * rank / n_, hi = n * (rank + 1) / n_;
+    float* acc = slots_[size_t(root)];
+    for (int64_t i = lo; i < hi; ++i) {
+      float s = slots_[0][i];
+      for (int r = 1; r < n_; ++r) s += slots_[size_t(r)][i];
+      acc[i] = s;
+    }
     barrier_.arrive_and_wait();
   }
 
-  void abort() override { barrier_.abort(); }
+  void broadcast(int rank, Tensor& t, int root) override {
+    DPT_ASSERT(rank >= 0 && rank < n_ && t.device().is_cpu(), "broadcast on rank ", rank);
+    DPT_ASSERT(root >= 0 && root < n_, "broadcast root ", root);
+    bytes_[size_t(rank)] = t.raw();
+    barrier_.arrive_and_wait();
+    if (rank != root) std::memcpy(t.raw(), bytes_[size_t(root)], t.nbytes());
+    barrier_.arrive_and_wait();
+  }
+
+  void abort(const std::string&) override { barrier_.abort(); }
   void reset() override { barrier_.reset(); }
 
   void all_gather(int rank, const Tensor& in, Tensor& out) override {
@@ -117,6 +134,7 @@ class InProcessCommunicator : public Communicator {
   int n_;
   Barrier barrier_;
   std::vector<float*> slots_;
+  std::vector<void*> bytes_;
 };
 
 }  // namespace

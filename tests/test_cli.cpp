@@ -4,6 +4,7 @@
 #include <sys/wait.h>
 
 #include <cstdio>
+#include <cstdlib>
 #include <fstream>
 #include <nlohmann/json.hpp>
 #include <sstream>
@@ -16,10 +17,12 @@ struct CliRun {
   std::string out, err;
 };
 
-CliRun dptrain(const std::string& args) {
+// launcher: prepended to the command (mpirun); the run is killed after 10 minutes.
+CliRun dptrain(const std::string& args, const std::string& launcher = "") {
   const std::string dir = ::testing::TempDir();
   const std::string err_path = dir + "/dptrain_cli_stderr.txt";
-  const std::string cmd = std::string(DPT_BINARY_DIR) + "/dptrain " + args + " 2>" + err_path;
+  const std::string cmd = "timeout -s KILL 600 " + launcher + std::string(DPT_BINARY_DIR) +
+                          "/dptrain " + args + " 2>" + err_path;
   CliRun r;
   FILE* p = popen(cmd.c_str(), "r");
   if (!p) return r;
@@ -127,6 +130,39 @@ TEST(Cli, DataParallelOnTwoCpuDevices) {
     EXPECT_NE(r.err.find("cpu:0,cpu:1 (DataParallel"), std::string::npos) << r.err;
     EXPECT_EQ(nlohmann::json::parse(r.out).at("steps"), 2);
   }
+}
+
+// mpirun -np 2: one replica per process; only rank 0 logs and prints.
+std::string mpirun2() {
+  setenv("OMPI_ALLOW_RUN_AS_ROOT", "1", 1);
+  setenv("OMPI_ALLOW_RUN_AS_ROOT_CONFIRM", "1", 1);
+  return std::string(DPT_MPIEXEC) + " -np 2 --oversubscribe --bind-to none ";
+}
+
+TEST(Cli, MpiTwoProcesses) {
+  if (std::string(DPT_MPIEXEC).empty()) GTEST_SKIP() << "built without MPI (libopenmpi-dev)";
+  CliRun r = dptrain(std::string(kTiny) + "--bn sync --bucket-mb 1 --json", mpirun2());
+  ASSERT_EQ(r.code, 0) << r.err;
+  auto j = nlohmann::json::parse(r.out);  // one object: rank 1 prints nothing
+  EXPECT_EQ(j.at("steps"), 2);
+  EXPECT_GT(j.at("gradient_buckets").get<int>(), 10);
+  const std::string banner = "cpu:0 in each of 2 processes (DataParallel, sync BN)";
+  const size_t at = r.err.find(banner);
+  EXPECT_NE(at, std::string::npos) << r.err;
+  EXPECT_EQ(r.err.find(banner, at + 1), std::string::npos) << "logged twice\n" << r.err;
+}
+
+TEST(Cli, MpiFailingRankStopsTheJob) {
+  if (std::string(DPT_MPIEXEC).empty()) GTEST_SKIP() << "built without MPI (libopenmpi-dev)";
+  // Only rank 0 writes metrics, so only rank 0 fails; rank 1 would wait for it forever.
+  CliRun r = dptrain(std::string(kTiny) + "--metrics /nonexistent/dir/m.jsonl", mpirun2());
+  EXPECT_NE(r.code, 0) << r.err;
+  EXPECT_NE(r.code, 128 + 9) << "killed by the timeout: the job hung\n" << r.err;
+  EXPECT_NE(r.err.find("dptrain: error: rank 0: cannot write metrics file"), std::string::npos)
+      << r.err;
+  r = dptrain(std::string(kTiny) + "--devices cpu:0,cpu:1", mpirun2());
+  EXPECT_NE(r.code, 0) << r.err;
+  EXPECT_NE(r.err.find("each process drives one device"), std::string::npos) << r.err;
 }
 
 TEST(Cli, Resnet18LearnsFashionMnist) {

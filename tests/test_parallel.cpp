@@ -11,8 +11,10 @@
 #include "models/layers.h"
 #include "models/optimizer.h"
 #include "parallel/data_parallel.h"
+#include "tests/dp_fixture.h"
 
 using namespace dpt;
+using namespace dpt::fixture;
 
 namespace {
 
@@ -22,75 +24,13 @@ void on_threads(int n, const std::function<void(int)>& f) {
   for (auto& t : ts) t.join();
 }
 
-ArchSpec small_spec() {
-  ArchSpec s;
-  s.arch = "resnet18";
-  s.num_classes = 5;
-  s.in_channels = 1;
-  s.stem = "small";  // 16x16 inputs keep 2x2 maps in layer4, so train-mode BN is well conditioned
-  return s;
-}
-
-// The model with BatchNorm parameters drawn as the PyTorch parity oracle does (weight U(0.5, 1),
-// bias +-U(1.5, 2.5), residual branches' last BN scaled by 0.2): pre-ReLU values then rarely sit
-// within rounding of zero, where two summation orders (one device vs. per-replica sums) would
-// route a gradient differently and hide the comparison behind a ~1% jump.
-std::unique_ptr<Module> conditioned(uint64_t seed) {
-  auto m = make_model(small_spec(), seed);
-  Rng r(seed, 77);
-  for (auto& [name, p] : m->named_parameters()) {
-    const bool bn =
-        name.find("bn") != std::string::npos || name.find("downsample.1") != std::string::npos;
-    if (!bn) continue;
-    const float scale = name.find("bn2") != std::string::npos ? 0.2f : 1.0f;
-    for (int64_t i = 0; i < p->value.numel(); ++i) {
-      const float v = name.find(".bias") != std::string::npos
-                          ? (r.uniform() < 0.5f ? -1.0f : 1.0f) * r.uniform(1.5f, 2.5f)
-                          : r.uniform(0.5f, 1.0f);
-      p->value.data<float>()[i] = scale * v;
-    }
-  }
-  return m;
-}
-
-std::unique_ptr<DataParallel> wrap(int devices, BnMode bn, uint64_t seed = 3) {
+std::unique_ptr<DataParallel> wrap(int devices, BnMode bn, uint64_t seed = 3,
+                                   double bucket_mb = 25) {
   std::vector<Device> devs;
   for (int i = 0; i < devices; ++i) devs.push_back(Device::cpu(i));
   return std::make_unique<DataParallel>(
-      conditioned(seed), [seed] { return make_model(small_spec(), seed); }, devs, bn, devices);
-}
-
-Tensor batch(int64_t n, uint64_t seed) {
-  Tensor x({n, 1, 16, 16});
-  Rng r(seed);
-  for (int64_t i = 0; i < x.numel(); ++i) x.data<float>()[i] = r.normal();
-  return x;
-}
-
-Tensor labels(int64_t n) {
-  Tensor t({n}, DType::I64);
-  for (int64_t i = 0; i < n; ++i) t.data<int64_t>()[i] = (i * 7) % 5;
-  return t;
-}
-
-// One SGD step; returns the loss.
-float step(Module& m, std::vector<Sgd>& opts, const Tensor& x, const Tensor& y) {
-  m.zero_grad();
-  Tensor logits = m.forward(x.clone());
-  Tensor d(logits.shape());
-  float loss = softmax_cross_entropy(logits, y, &d);
-  m.backward(std::move(d));
-  if (auto* dp = dynamic_cast<DataParallel*>(&m))
-    dp->for_each_replica([&](Module& r, int i) { opts[size_t(i)].step(r); });
-  else
-    opts[0].step(m);
-  return loss;
-}
-
-std::vector<Sgd> sgds(int n) {
-  std::vector<Sgd> v;
-  for (int i = 0; i < n; ++i) v.emplace_back(SgdParams{0.01f, 0.9f, 0.0f, 1e-4f, false});
-  return v;
+      conditioned(seed), [seed] { return make_model(small_spec(), seed); }, devs,
+      DataParallelOptions{.bn = bn, .threads = devices, .bucket_mb = bucket_mb});
 }
 
 }  // namespace
@@ -119,6 +59,58 @@ TEST(Communicator, InProcessCollectives) {
     EXPECT_EQ(gathered[size_t(r)], (std::vector<float>{0, 0, 1, 1, 2, 2}));
   }
   EXPECT_THROW(make_inprocess_communicator(0), ConfigError);
+}
+
+// Lists of tensors go through flat buckets: results must not depend on where buckets split.
+TEST(Communicator, CoalescedCollectivesOverLists) {
+  const int n = 3;
+  auto comm = make_inprocess_communicator(n);
+  const std::vector<int64_t> sizes{3, 700, 1, 260, 5};  // 40-byte buckets: several, one oversized
+  std::vector<std::vector<std::vector<float>>> got(n);
+  on_threads(n, [&](int r) {
+    auto make = [&](float base) {
+      std::vector<Tensor> ts;
+      for (size_t i = 0; i < sizes.size(); ++i) {
+        ts.emplace_back(Shape{sizes[i]});
+        for (int64_t j = 0; j < sizes[i]; ++j)
+          ts.back().data<float>()[j] = base + float(r * 1000 + int64_t(i) * 10 + j);
+      }
+      return ts;
+    };
+    auto ptrs = [](std::vector<Tensor>& ts) {
+      std::vector<Tensor*> p;
+      for (auto& t : ts) p.push_back(&t);
+      return p;
+    };
+    std::vector<Tensor> a = make(0), b = make(0), c = make(0), d = make(0);
+    all_reduce_sum(*comm, r, ptrs(a), 40);
+    reduce_sum(*comm, r, ptrs(b), 2, 40);
+    broadcast(*comm, r, ptrs(c), 1, 40);
+    std::vector<Tensor> g;
+    std::vector<const Tensor*> in;
+    std::vector<Tensor*> out;
+    for (auto& t : d) g.emplace_back(Shape{t.numel() * n}), in.push_back(&t);
+    for (auto& t : g) out.push_back(&t);
+    all_gather(*comm, r, in, out, 40);
+    for (auto* set : {&a, &b, &c, &g})
+      for (auto& t : *set) got[size_t(r)].push_back(t.to_vector());
+  });
+  const size_t m = sizes.size();
+  for (int r = 0; r < n; ++r) {
+    for (size_t i = 0; i < m; ++i) {
+      for (int64_t j = 0; j < sizes[i]; ++j) {
+        const float own = float(r * 1000 + int64_t(i) * 10 + j);
+        const float sum = float(3000 + 3 * (int64_t(i) * 10 + j));  // (0 + 1000 + 2000) + 3 * ...
+        ASSERT_EQ(got[size_t(r)][i][size_t(j)], sum) << "all_reduce " << r << " " << i;
+        ASSERT_EQ(got[size_t(r)][m + i][size_t(j)], r == 2 ? sum : own) << "reduce " << r;
+        ASSERT_EQ(got[size_t(r)][2 * m + i][size_t(j)], float(1000 + int64_t(i) * 10 + j));
+        for (int q = 0; q < n; ++q)
+          ASSERT_EQ(got[size_t(r)][3 * m + i][size_t(q * sizes[i] + j)],
+                    float(q * 1000 + int64_t(i) * 10 + j))
+              << "all_gather " << r << " " << i;
+      }
+    }
+  }
 }
 
 TEST(DataParallel, ModulePrefixAsPyTorch) {
@@ -188,12 +180,13 @@ StateDict grads(Module& m) {
 
 // With SyncBatchNorm, 2, 3 and 4 replicas (even and uneven chunks) track one device on the whole
 // batch: same loss, same gradients, same weights after three SGD steps, up to rounding.
-class SyncEquivalence : public ::testing::TestWithParam<std::pair<int, int64_t>> {};
+// Gradient buckets of 1 MiB (a few dozen, reduced while backward runs) or one bucket (0).
+class SyncEquivalence : public ::testing::TestWithParam<std::tuple<int, int64_t, double>> {};
 
 TEST_P(SyncEquivalence, TrainsLikeOneDevice) {
-  const auto [devices, rows] = GetParam();
+  const auto [devices, rows, bucket_mb] = GetParam();
   auto single = conditioned(3);
-  auto dp = wrap(devices, BnMode::Sync);
+  auto dp = wrap(devices, BnMode::Sync, 3, bucket_mb);
   auto o1 = sgds(1), on = sgds(devices);
   for (int s = 0; s < 3; ++s) {
     Tensor x = batch(rows, 10 + s), y = labels(rows);
@@ -218,9 +211,49 @@ TEST_P(SyncEquivalence, TrainsLikeOneDevice) {
 // BatchNorms only work with statistics reduced across replicas), 10 over 4 (3+3+3+1).
 INSTANTIATE_TEST_SUITE_P(
     DataParallel, SyncEquivalence,
-    ::testing::Values(std::make_pair(2, int64_t(8)), std::make_pair(3, int64_t(7)),
-                      std::make_pair(4, int64_t(10)), std::make_pair(4, int64_t(12)),
-                      std::make_pair(2, int64_t(7)), std::make_pair(3, int64_t(9))));
+    ::testing::Values(std::make_tuple(2, int64_t(8), 1.0), std::make_tuple(3, int64_t(7), 1.0),
+                      std::make_tuple(4, int64_t(10), 0.0), std::make_tuple(4, int64_t(12), 25.0),
+                      std::make_tuple(2, int64_t(7), 0.0), std::make_tuple(3, int64_t(9), 25.0)));
+
+TEST(DataParallel, GradientBucketsFollowBackwardOrder) {
+  auto dp = wrap(2, BnMode::Sync, 3, 1.0);
+  auto all = dp->module().named_parameters();
+  std::vector<std::string> flat;
+  for (auto& b : dp->buckets()) {
+    ASSERT_FALSE(b.empty());
+    int64_t bytes = 0;
+    for (auto& name : b) {
+      flat.push_back(name);
+      for (auto& [n, p] : all)
+        if (n == name) bytes += p->grad.numel() * 4;
+    }
+    // At most 1 MiB, unless one parameter alone is larger.
+    if (b.size() > 1) {
+      EXPECT_LE(bytes, 1 << 20) << b.front();
+    }
+  }
+  ASSERT_EQ(flat.size(), all.size());
+  for (size_t i = 0; i < all.size(); ++i) EXPECT_EQ(flat[i], all[all.size() - 1 - i].first);
+  EXPECT_GT(dp->buckets().size(), 10u);
+  EXPECT_EQ(wrap(2, BnMode::Sync, 3, 0.0)->buckets().size(), 1u);
+}
+
+// Where buckets split changes nothing: each gradient element is the same sum of the same values.
+TEST(DataParallel, BucketSizeDoesNotChangeGradients) {
+  std::vector<StateDict> seen;
+  std::vector<std::unique_ptr<DataParallel>> keep;
+  for (double mb : {0.0, 0.05, 25.0}) {
+    keep.push_back(wrap(2, BnMode::Local, 3, mb));
+    auto opts = sgds(2);
+    step(*keep.back(), opts, batch(6, 40), labels(6));
+    seen.push_back(grads(keep.back()->replica(1)));
+    EXPECT_GT(keep.back()->communication_seconds(), 0.0);
+    EXPECT_GE(keep.back()->exposed_communication_seconds(), 0.0);
+  }
+  for (size_t v = 1; v < seen.size(); ++v)
+    for (auto& [n, t] : seen[0].entries)
+      ASSERT_EQ(relative_error(*seen[v].find(n), t), 0.0) << v << " " << n;
+}
 
 TEST(DataParallel, ResNet152KeysAreTorchvisionsWithModulePrefix) {
   ArchSpec s;
@@ -267,15 +300,20 @@ namespace {
 // memory would.
 class Flaky : public Module {
  public:
-  explicit Flaky(bool fails)
-      : fail(fails), bn(register_module("bn", std::make_unique<BatchNorm2d>(2))) {}
+  explicit Flaky(bool fails, bool in_backward = false)
+      : fail(fails),
+        fail_backward(in_backward),
+        bn(register_module("bn", std::make_unique<BatchNorm2d>(2))) {}
   std::string kind() const override { return "Flaky"; }
   Tensor forward(Tensor x) override {
-    if (fail) throw FileError("replica failed on purpose");
+    if (fail && !fail_backward) throw FileError("replica failed on purpose");
     return bn.forward(std::move(x));
   }
-  Tensor backward(Tensor dy) override { return bn.backward(std::move(dy)); }
-  bool fail;
+  Tensor backward(Tensor dy) override {
+    if (fail && fail_backward) throw FileError("replica failed in backward on purpose");
+    return bn.backward(std::move(dy));
+  }
+  bool fail, fail_backward;
   BatchNorm2d& bn;
 };
 }  // namespace
@@ -283,7 +321,7 @@ class Flaky : public Module {
 TEST(DataParallel, FailingReplicaDoesNotHangTheOthers) {
   DataParallel dp(
       std::make_unique<Flaky>(false), [] { return std::make_unique<Flaky>(true); },
-      {Device::cpu(0), Device::cpu(1)}, BnMode::Sync, 2);
+      {Device::cpu(0), Device::cpu(1)}, DataParallelOptions{.bn = BnMode::Sync, .threads = 2});
   // Replica 0 waits in SyncBatchNorm's all-gather for replica 1, which has thrown.
   try {
     dp.forward(Tensor::full({4, 2, 3, 3}, 1.0f));
@@ -294,4 +332,27 @@ TEST(DataParallel, FailingReplicaDoesNotHangTheOthers) {
   // The communicators are usable again once the replica recovers.
   static_cast<Flaky&>(dp.replica(1)).fail = false;
   EXPECT_EQ(dp.forward(Tensor::full({4, 2, 3, 3}, 1.0f)).shape(), Shape({4, 2, 3, 3}));
+}
+
+// A replica failing in backward: the others are waiting in SyncBatchNorm's gradient all-reduce
+// and their communication threads for its gradient buckets; all must give up, then recover.
+TEST(DataParallel, FailingReplicaInBackwardDoesNotHang) {
+  DataParallel dp(
+      std::make_unique<Flaky>(false), [] { return std::make_unique<Flaky>(true, true); },
+      {Device::cpu(0), Device::cpu(1)}, DataParallelOptions{.bn = BnMode::Sync, .threads = 2});
+  auto x = [] { return Tensor::full({4, 2, 3, 3}, 1.0f); };
+  dp.forward(x());
+  try {
+    dp.backward(Tensor::full({4, 2, 3, 3}, 0.5f));
+    FAIL() << "the failure was swallowed";
+  } catch (const FileError& e) {
+    EXPECT_NE(std::string(e.what()).find("in backward"), std::string::npos) << e.what();
+  }
+  static_cast<Flaky&>(dp.replica(1)).fail = false;
+  dp.zero_grad();
+  dp.forward(x());
+  dp.backward(Tensor::full({4, 2, 3, 3}, 0.5f));
+  // Both replicas hold the summed gradient: 2 rows each of 9 values of 0.5 per channel, twice.
+  for (int r = 0; r < 2; ++r)
+    EXPECT_FLOAT_EQ(static_cast<Flaky&>(dp.replica(r)).bn.bias.grad.at(0), 18.0f) << r;
 }

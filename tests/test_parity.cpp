@@ -281,8 +281,8 @@ TEST_P(Parity, OneTrainingStepMatchesTorchvision) {
     for (int i = 0; i < devices; ++i) devs.push_back(dpt::Device::cpu(i));
     const dpt::ArchSpec spec{.arch = arch, .num_classes = 10, .in_channels = 3, .stem = "imagenet"};
     dp = std::make_unique<dpt::DataParallel>(
-        std::move(model), [&] { return dpt::make_model(spec, 0); }, devs, dpt::BnMode::Local,
-        devices);
+        std::move(model), [&] { return dpt::make_model(spec, 0); }, devs,
+        dpt::DataParallelOptions{.bn = dpt::BnMode::Local, .threads = devices});
     net = dp.get();
     core = &dp->module();
   }

@@ -1,0 +1,145 @@
+#include "parallel/reducer.h"
+
+#include <algorithm>
+#include <chrono>
+
+namespace dpt {
+
+GradReducer::GradReducer(Module& replica, int rank, Communicator& comm, size_t bucket_bytes)
+    : rank_(rank), comm_(comm) {
+  auto params = replica.named_parameters();
+  std::reverse(params.begin(), params.end());
+  size_t bytes = 0;
+  for (auto& [name, p] : params) {
+    const size_t b = size_t(p->grad.numel()) * sizeof(float);
+    if (buckets_.empty() || (bucket_bytes > 0 && bytes > 0 && bytes + b > bucket_bytes)) {
+      buckets_.emplace_back();
+      bytes = 0;
+    }
+    buckets_.back().names.push_back(name);
+    buckets_.back().params.push_back(p);
+    bytes += b;
+  }
+  for (size_t i = 0; i < buckets_.size(); ++i) {
+    Bucket& bk = buckets_[i];
+    int64_t n = 0;
+    for (Parameter* p : bk.params) n += p->grad.numel();
+    bk.flat = Tensor::zeros({n}, DType::F32, replica.device());
+    n = 0;
+    for (Parameter* p : bk.params) {
+      DPT_ASSERT(p->grad.dtype() == DType::F32 && p->grad.device().is_cpu(),
+                 "gradient buckets hold float32 cpu gradients");
+      Tensor view = bk.flat.view(n, p->grad.shape());
+      view.copy_from(p->grad);
+      p->grad = std::move(view);
+      n += p->grad.numel();
+      bucket_of_.emplace_back(p, int(i));
+    }
+  }
+  std::sort(bucket_of_.begin(), bucket_of_.end());
+  ready_.assign(buckets_.size(), false);
+  for (auto& [name, m] : replica.named_modules())
+    if (!m->own_parameters().empty())
+      m->set_grad_ready_hook([this](Module& mod) { grads_ready(mod); });
+  thread_ = std::thread([this] { loop(); });
+}
+
+GradReducer::~GradReducer() {
+  {
+    std::lock_guard<std::mutex> lk(mu_);
+    quit_ = true;
+    cancelled_ = true;
+  }
+  cv_.notify_all();
+  thread_.join();
+}
+
+std::vector<std::vector<std::string>> GradReducer::bucket_names() const {
+  std::vector<std::vector<std::string>> out;
+  for (const Bucket& b : buckets_) out.push_back(b.names);
+  return out;
+}
+
+void GradReducer::begin() {
+  wait_idle();
+  std::lock_guard<std::mutex> lk(mu_);
+  for (Bucket& b : buckets_) b.pending = int(b.params.size());
+  ready_.assign(buckets_.size(), false);
+  cancelled_ = false;
+  error_ = nullptr;
+  ++step_;
+  cv_.notify_all();
+}
+
+void GradReducer::grads_ready(Module& m) {
+  bool wake = false;
+  {
+    std::lock_guard<std::mutex> lk(mu_);
+    for (Parameter* p : m.own_parameters()) {
+      auto it = std::lower_bound(bucket_of_.begin(), bucket_of_.end(), std::make_pair(p, 0));
+      DPT_ASSERT(it != bucket_of_.end() && it->first == p, "a gradient outside every bucket");
+      Bucket& b = buckets_[size_t(it->second)];
+      if (--b.pending == 0) {
+        ready_[size_t(it->second)] = true;
+        wake = true;
+      }
+    }
+  }
+  if (wake) cv_.notify_all();
+}
+
+void GradReducer::finish() {
+  const auto t0 = std::chrono::steady_clock::now();
+  std::unique_lock<std::mutex> lk(mu_);
+  ready_.assign(buckets_.size(), true);  // gradients never produced (unused parameters) stay 0
+  cv_.notify_all();
+  cv_.wait(lk, [&] { return done_ == step_; });
+  exposed_seconds_ += std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+  if (error_) std::rethrow_exception(error_);
+}
+
+void GradReducer::cancel() {
+  {
+    std::lock_guard<std::mutex> lk(mu_);
+    cancelled_ = true;
+  }
+  cv_.notify_all();
+}
+
+void GradReducer::wait_idle() {
+  std::unique_lock<std::mutex> lk(mu_);
+  cv_.wait(lk, [&] { return done_ == step_; });
+}
+
+void GradReducer::loop() {
+  uint64_t seen = 0;
+  std::unique_lock<std::mutex> lk(mu_);
+  for (;;) {
+    cv_.wait(lk, [&] { return quit_ || step_ != seen; });
+    if (quit_) return;
+    seen = step_;
+    try {
+      for (size_t b = 0; b < buckets_.size(); ++b) {
+        cv_.wait(lk, [&] { return ready_[b] || cancelled_; });
+        if (cancelled_) break;
+        lk.unlock();
+        const auto t0 = std::chrono::steady_clock::now();
+        try {
+          comm_.all_reduce_sum(rank_, buckets_[b].flat);
+        } catch (...) {
+          lk.lock();
+          throw;
+        }
+        const auto t1 = std::chrono::steady_clock::now();
+        lk.lock();
+        comm_seconds_ += std::chrono::duration<double>(t1 - t0).count();
+      }
+    } catch (...) {
+      error_ = std::current_exception();
+    }
+    done_ = seen;
+    cv_.notify_all();
+  }
+}
+
+}  // namespace dpt
