@@ -8,8 +8,10 @@
 #include <nlohmann/json.hpp>
 #include <thread>
 
+#include "apps/ckpt.h"
 #include "apps/trainer.h"
 #include "core/error.h"
+#include "io/checkpoint.h"
 #include "parallel/mpi.h"
 
 namespace {
@@ -87,7 +89,62 @@ int run(int argc, char** argv, const dpt::MpiRuntime* mpi) {
   train->add_option("--threads", cfg.threads, "CPU threads (0: all cores)")->capture_default_str();
   train->add_option("--metrics", cfg.metrics_path, "write metrics to PATH (.jsonl or .csv) + .svg");
   train->add_option("--log-every", cfg.log_every, "log a line every N steps (no terminal)");
+  train->add_option("--save", cfg.save_path,
+                    "write a checkpoint here at each epoch end, every --save-every steps and at "
+                    "the end (atomically)");
+  train->add_option("--save-kind", cfg.save_kind, "full (resumable) or weights")
+      ->capture_default_str();
+  train->add_option("--save-every", cfg.save_every, "also save every N steps");
+  train
+      ->add_option("--keep", cfg.keep,
+                   "keep this many newest checkpoints (older ones as <stem>-step<N>.h5)")
+      ->capture_default_str();
+  train->add_option("--resume", cfg.resume,
+                    "resume from a full checkpoint, or 'auto': the newest valid one beside --save");
   train->add_flag("--json", json, "print one JSON object with the results on stdout");
+
+  dpt::EvalConfig ev;
+  ev.arch.arch = "resnet152";
+  ev.arch.stem = "imagenet";
+  ev.arch.num_classes = -1;
+  ev.arch.in_channels = -1;
+  std::string eval_devices = "cpu";
+  bool no_strict = false;
+  auto* eval = app.add_subcommand("eval", "evaluate a checkpoint on the test set");
+  eval->add_option("--checkpoint", ev.checkpoint, "checkpoint file (.h5)")->required();
+  add_model_flags(*eval, ev.arch);
+  eval->add_option("--devices,--map-location", eval_devices,
+                   "where to run: any device list, whatever the checkpoint was saved from")
+      ->capture_default_str();
+  eval->add_option("--data", ev.data, "fashion-mnist or synthetic")->capture_default_str();
+  eval->add_option("--data-dir", ev.data_dir, "directory with the Fashion-MNIST IDX files")
+      ->capture_default_str();
+  eval->add_option("--test-limit", ev.test_limit, "use only the first N test samples");
+  eval->add_option("--batch-size", ev.batch_size, "samples per forward")->capture_default_str();
+  eval->add_option("--threads", ev.threads, "CPU threads (0: all cores)");
+  eval->add_flag("--no-strict", no_strict, "load matching keys only; report the others");
+  eval->add_flag("--json", json, "print one JSON object with the results on stdout");
+
+  std::string ck_a, ck_b, layout;
+  bool weights_only = false;
+  auto* ckpt = app.add_subcommand("ckpt", "inspect, convert, diff or verify checkpoints");
+  ckpt->require_subcommand(1);
+  auto* inspect = ckpt->add_subcommand("inspect", "kind, layout, architecture and every key");
+  inspect->add_option("path", ck_a, "checkpoint")->required();
+  inspect->add_flag("--json", json, "one JSON object instead of text");
+  auto* convert = ckpt->add_subcommand("convert", "rewrite a checkpoint in another layout or kind");
+  convert->add_option("in", ck_a, "input checkpoint")->required();
+  convert->add_option("out", ck_b, "output checkpoint")->required();
+  convert->add_option("--layout", layout, "plain (no prefix) or module (DataParallel's)");
+  convert->add_flag("--weights-only", weights_only, "drop architecture and training state");
+  std::string convert_kind;
+  convert->add_option("--kind", convert_kind, "weights: same as --weights-only");
+  auto* diff = ckpt->add_subcommand("diff", "per-tensor max |a - b| after name normalisation");
+  diff->add_option("a", ck_a, "checkpoint")->required();
+  diff->add_option("b", ck_b, "checkpoint")->required();
+  diff->add_flag("--json", json, "one JSON object instead of text");
+  auto* verify = ckpt->add_subcommand("verify", "check a checkpoint's integrity and contents");
+  verify->add_option("path", ck_a, "checkpoint")->required();
 
   dpt::ArchSpec show;
   show.num_classes = 1000;
@@ -96,9 +153,10 @@ int run(int argc, char** argv, const dpt::MpiRuntime* mpi) {
   add_model_flags(*model_cmd, show);
 
   const std::string first = argc > 1 ? argv[1] : "";
-  if (!first.empty() && first[0] != '-' && first != "train" && first != "model")
+  if (!first.empty() && first[0] != '-' && first != "train" && first != "model" &&
+      first != "eval" && first != "ckpt")
     throw dpt::UsageError(std::string("unknown command '") + argv[1] +
-                          "': expected train or model");
+                          "': expected train, eval, ckpt or model");
   try {
     app.parse(argc, argv);
   } catch (const CLI::CallForHelp& e) {
@@ -116,6 +174,64 @@ int run(int argc, char** argv, const dpt::MpiRuntime* mpi) {
                      {"parameters", m->num_parameters()},
                      {"state_dict_entries", m->state_dict().size()}};
     std::cout << j.dump(2) << std::endl;
+    return 0;
+  }
+  if (*eval) {
+    ev.devices = dpt::parse_devices(eval_devices);
+    ev.arch_given = eval->count("--model") > 0;
+    ev.strict = !no_strict;
+    dpt::EvalReport r = dpt::evaluate_checkpoint(ev);
+    std::fprintf(stderr, "%s (%s, layout %s; %s): accuracy %.2f%%, loss %.4f on %lld samples\n",
+                 ev.checkpoint.c_str(), r.kind.c_str(), r.layout.c_str(), r.load.c_str(),
+                 100 * r.accuracy, r.loss, (long long)r.samples);
+    if (json)
+      std::cout << nlohmann::json{{"accuracy", r.accuracy}, {"loss", r.loss},
+                                  {"samples", r.samples},   {"kind", r.kind},
+                                  {"layout", r.layout},     {"load", r.load}}
+                       .dump()
+                << std::endl;
+    return 0;
+  }
+  if (*ckpt) {
+    if (*inspect) {
+      nlohmann::json j = dpt::ckpt_inspect(ck_a);
+      if (json) {
+        std::cout << j.dump() << std::endl;
+      } else {
+        std::cout << ck_a << ": " << j["kind"].get<std::string>() << " checkpoint, layout "
+                  << j["layout"].get<std::string>() << ", " << j["keys"].size() << " tensors ("
+                  << j["tensor_bytes"] << " bytes), saved " << j["saved_at"].get<std::string>()
+                  << " from " << j["saved_from"].dump() << "\n";
+        if (!j["architecture"].is_null())
+          std::cout << "architecture: " << j["architecture"].dump() << "\n";
+        if (!j["trainer"].is_null()) std::cout << "trainer: " << j["trainer"].dump() << "\n";
+        for (auto& k : j["keys"])
+          std::cout << "  " << k["key"].get<std::string>() << " " << k["shape"].dump() << " "
+                    << k["dtype"].get<std::string>() << " " << k["bytes"] << "\n";
+      }
+    } else if (*convert) {
+      if (!convert_kind.empty())
+        weights_only = weights_only ||
+                       dpt::parse_checkpoint_kind(convert_kind) == dpt::CheckpointKind::Weights;
+      std::fprintf(stderr, "%s -> %s: %s\n", ck_a.c_str(), ck_b.c_str(),
+                   dpt::ckpt_convert(ck_a, ck_b, layout, weights_only).c_str());
+    } else if (*diff) {
+      nlohmann::json j = dpt::ckpt_diff(ck_a, ck_b);
+      if (json) {
+        std::cout << j.dump() << std::endl;
+      } else {
+        for (auto& t : j["tensors"])
+          std::cout << t["key"].get<std::string>() << " "
+                    << (t.contains("max_abs_diff") ? t["max_abs_diff"].dump() : "shape differs")
+                    << "\n";
+        std::cout << "max |a - b| = " << j["max_abs_diff"]
+                  << "; only in a: " << j["only_in_a"].size()
+                  << ", only in b: " << j["only_in_b"].size() << "\n";
+      }
+    } else if (*verify) {
+      dpt::ckpt_inspect(ck_a);  // digest, then every object validated
+      std::fprintf(stderr, "%s: ok\n", ck_a.c_str());
+    }
     return 0;
   }
   cfg.devices = dpt::parse_devices(devices);
@@ -150,6 +266,11 @@ int run(int argc, char** argv, const dpt::MpiRuntime* mpi) {
       j["exposed_communication_seconds"] = r.exposed_communication_seconds;
       j["gradient_buckets"] = r.gradient_buckets;
     }
+    if (!r.resumed_from.empty()) {
+      j["resumed_from"] = r.resumed_from;
+      j["resumed_step"] = r.resumed_step;
+    }
+    if (r.checkpoints_saved > 0) j["checkpoints_saved"] = r.checkpoints_saved;
     if (r.test_accuracy >= 0) {
       j["test_accuracy"] = r.test_accuracy;
       j["test_loss"] = r.test_loss;

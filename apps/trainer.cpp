@@ -7,9 +7,12 @@
 #include <cmath>
 #include <cstdio>
 #include <deque>
+#include <filesystem>
+#include <map>
 
 #include "apps/metrics.h"
 #include "data/dataset.h"
+#include "io/checkpoint.h"
 #include "kernels/loss.h"
 #include "models/optimizer.h"
 #include "parallel/data_parallel.h"
@@ -91,9 +94,9 @@ struct EvalResult {
 };
 
 EvalResult evaluate(Module& model, const Dataset& test, const LoaderOptions& base,
-                    const Device& dev) {
+                    const Device& dev, int64_t batch = 500) {
   LoaderOptions o = base;
-  o.batch_size = std::min<int64_t>(500, test.size());
+  o.batch_size = std::min<int64_t>(batch, test.size());
   o.shuffle = false;
   o.drop_last = false;
   o.augment = Augment{};
@@ -117,7 +120,89 @@ EvalResult evaluate(Module& model, const Dataset& test, const LoaderOptions& bas
           double(correct) / double(std::max<int64_t>(seen, 1))};
 }
 
+namespace fs = std::filesystem;
+
+// <stem>-step<N><ext> beside the checkpoint path: the history kept by --keep.
+fs::path history_path(const fs::path& save, int64_t step) {
+  return save.parent_path() /
+         (save.stem().string() + "-step" + std::to_string(step) + save.extension().string());
+}
+
+// History files beside save, by step.
+std::map<int64_t, fs::path> history(const fs::path& save) {
+  std::map<int64_t, fs::path> out;
+  const std::string head = save.stem().string() + "-step", ext = save.extension().string();
+  std::error_code ec;
+  const fs::path dir = save.parent_path().empty() ? fs::path(".") : save.parent_path();
+  for (auto& e : fs::directory_iterator(dir, ec)) {
+    const std::string name = e.path().filename().string();
+    if (name.rfind(head, 0) != 0 || name.size() <= head.size() + ext.size() ||
+        name.substr(name.size() - ext.size()) != ext)
+      continue;
+    const std::string digits = name.substr(head.size(), name.size() - head.size() - ext.size());
+    if (digits.empty() || digits.size() > 15 ||
+        digits.find_first_not_of("0123456789") != std::string::npos)
+      continue;
+    out[std::stoll(digits)] = e.path();
+  }
+  return out;
+}
+
+std::unique_ptr<Module> wrap_data_parallel(std::unique_ptr<Module> model, const ArchSpec& arch,
+                                           const std::vector<Device>& devices,
+                                           DataParallelOptions opt) {
+  ArchSpec spec = arch;
+  return std::make_unique<DataParallel>(
+      std::move(model), [spec] { return make_model(spec, 0); }, devices, std::move(opt));
+}
+
+struct Data {
+  std::unique_ptr<Dataset> train, test;  // synthetic: no test set
+  std::vector<float> mean, std;
+};
+
+Data load_data(const std::string& kind, const std::string& dir, int64_t train_limit,
+               int64_t test_limit, int64_t synthetic_size, int64_t image_size, const ArchSpec& arch,
+               uint64_t seed, bool need_train) {
+  Data d;
+  if (kind == "fashion-mnist") {
+    if (need_train) d.train = load_fashion_mnist(dir, true, train_limit);
+    d.test = load_fashion_mnist(dir, false, test_limit);
+    d.mean = {0.2860f};
+    d.std = {0.3530f};
+  } else if (kind == "synthetic") {
+    const int64_t classes = arch.num_classes != -1 ? arch.num_classes : 10;
+    const int64_t channels = arch.in_channels != -1 ? arch.in_channels : 3;
+    d.train = make_synthetic(synthetic_size, channels, image_size, classes, seed);
+    d.mean.assign(size_t(channels), 0.5f);
+    d.std.assign(size_t(channels), 0.25f);
+  } else {
+    DPT_THROW(UsageError, "unknown --data '", kind, "': expected fashion-mnist or synthetic");
+  }
+  return d;
+}
+
+// Fills the dataset's class and channel counts where the arch leaves them open (-1); checks fit.
+void resolve_arch(ArchSpec& arch, const Dataset& data) {
+  if (arch.num_classes == -1) arch.num_classes = data.num_classes();
+  if (arch.in_channels == -1) arch.in_channels = data.channels();
+  arch.validate();
+  DPT_CHECK(arch.in_channels == data.channels(), UsageError, "the model takes ", arch.in_channels,
+            " input channels but ", data.name(), " has ", data.channels());
+  DPT_CHECK(arch.num_classes >= data.num_classes(), UsageError, "the model has ", arch.num_classes,
+            " classes, fewer than the ", data.num_classes(), " classes of ", data.name());
+}
+
 }  // namespace
+
+std::vector<std::string> resume_candidates(const std::string& save_path) {
+  std::vector<std::string> out;
+  std::error_code ec;
+  if (fs::exists(save_path, ec)) out.push_back(save_path);
+  auto h = history(save_path);
+  for (auto it = h.rbegin(); it != h.rend(); ++it) out.push_back(it->second.string());
+  return out;
+}
 
 TrainResult train(TrainConfig cfg) {
   const auto t0 = Clock::now();
@@ -131,6 +216,11 @@ TrainResult train(TrainConfig cfg) {
   DPT_CHECK(cfg.weight_decay >= 0, UsageError, "--weight-decay must not be negative");
   DPT_CHECK(cfg.threads >= 0, UsageError, "--threads must not be negative");
   DPT_CHECK(!cfg.devices.empty(), UsageError, "--devices lists no device");
+  DPT_CHECK(cfg.save_every >= 0, UsageError, "--save-every must not be negative");
+  DPT_CHECK(cfg.keep >= 1, UsageError, "--keep must be at least 1, got ", cfg.keep);
+  const CheckpointKind save_kind = parse_checkpoint_kind(cfg.save_kind);
+  DPT_CHECK(cfg.resume != "auto" || !cfg.save_path.empty(), UsageError,
+            "--resume auto looks for checkpoints beside --save PATH: pass --save too");
   const Device dev = cfg.devices[0];  // where batches go and outputs are gathered
   for (const Device& d : cfg.devices) {
     std::string why;
@@ -140,31 +230,11 @@ TrainResult train(TrainConfig cfg) {
   if (cfg.threads > 0) omp_set_num_threads(cfg.threads);
   const LrSchedule::Kind schedule_kind = LrSchedule::parse(cfg.lr_schedule);
 
-  std::unique_ptr<Dataset> train_set, test_set;
-  std::vector<float> mean, stdev;
-  if (cfg.data == "fashion-mnist") {
-    train_set = load_fashion_mnist(cfg.data_dir, true, cfg.train_limit);
-    test_set = load_fashion_mnist(cfg.data_dir, false, cfg.test_limit);
-    mean = {0.2860f};
-    stdev = {0.3530f};
-  } else if (cfg.data == "synthetic") {
-    const int64_t classes = cfg.arch.num_classes != -1 ? cfg.arch.num_classes : 10;
-    const int64_t channels = cfg.arch.in_channels != -1 ? cfg.arch.in_channels : 3;
-    train_set = make_synthetic(cfg.synthetic_size, channels, cfg.image_size, classes, cfg.seed);
-    mean.assign(size_t(channels), 0.5f);
-    stdev.assign(size_t(channels), 0.25f);
-  } else {
-    DPT_THROW(UsageError, "unknown --data '", cfg.data, "': expected fashion-mnist or synthetic");
-  }
-  if (cfg.arch.num_classes == -1) cfg.arch.num_classes = train_set->num_classes();
-  if (cfg.arch.in_channels == -1) cfg.arch.in_channels = train_set->channels();
-  cfg.arch.validate();
-  DPT_CHECK(cfg.arch.in_channels == train_set->channels(), UsageError, "the model takes ",
-            cfg.arch.in_channels, " input channels but ", train_set->name(), " has ",
-            train_set->channels());
-  DPT_CHECK(cfg.arch.num_classes >= train_set->num_classes(), UsageError, "--num-classes ",
-            cfg.arch.num_classes, " is fewer than the ", train_set->num_classes(), " classes of ",
-            train_set->name());
+  Data data = load_data(cfg.data, cfg.data_dir, cfg.train_limit, cfg.test_limit, cfg.synthetic_size,
+                        cfg.image_size, cfg.arch, cfg.seed, true);
+  std::unique_ptr<Dataset>&train_set = data.train, &test_set = data.test;
+  const std::vector<float>&mean = data.mean, &stdev = data.std;
+  resolve_arch(cfg.arch, *train_set);
 
   LoaderOptions lo;
   lo.batch_size = cfg.batch_size;
@@ -189,6 +259,7 @@ TrainResult train(TrainConfig cfg) {
   model->train();
   TrainResult res;
   res.parameters = model->num_parameters();
+  int64_t step = 0;
 
   const int64_t per_epoch = loader.batches_per_epoch();
   const int64_t total =
@@ -214,10 +285,115 @@ TrainResult train(TrainConfig cfg) {
                 std::to_string(cfg.batch_size) + ", " + std::to_string(total) + " steps, " +
                 std::to_string(omp_get_max_threads()) + " threads");
 
+  // ---- resume ----
+  int64_t start_epoch = 0, skip = 0, last_saved = -1;
+  if (!cfg.resume.empty()) {
+    Checkpoint ck;
+    std::string from;
+    if (cfg.resume == "auto") {
+      for (const std::string& cand : resume_candidates(cfg.save_path)) {
+        try {
+          ck = read_checkpoint(cand);
+          from = cand;
+          break;
+        } catch (const FileError& e) {
+          progress.line(std::string("resume: skipping ") + e.what());
+        }
+      }
+      if (from.empty())
+        progress.line("resume: no checkpoint beside " + cfg.save_path +
+                      " yet; starting from scratch");
+    } else {
+      ck = read_checkpoint(cfg.resume);
+      from = cfg.resume;
+    }
+    if (!from.empty()) {
+      DPT_CHECK(ck.kind == CheckpointKind::Full && !ck.trainer.is_null(), ConfigError, from,
+                " has no trainer state (it is a weights checkpoint or was not written by dptrain "
+                "train), so training cannot resume from it");
+      DPT_CHECK(ck.arch && ck.arch->to_json() == cfg.arch.to_json(), ConfigError, from, " holds ",
+                ck.arch ? ck.arch->to_json().dump() : "no model", ", not ",
+                cfg.arch.to_json().dump(), ": resume with the same model options");
+      const nlohmann::json& t = ck.trainer;
+      DPT_CHECK(t.value("batch_size", int64_t(-1)) == cfg.batch_size, ConfigError, from,
+                " was trained with --batch-size ", t.value("batch_size", int64_t(-1)),
+                "; resume with the same batch size");
+      DPT_CHECK(
+          t.value("seed", uint64_t(0)) == cfg.seed && t.value("data", std::string()) == cfg.data,
+          ConfigError, from, " was trained on ", t.value("data", std::string("?")), " with --seed ",
+          t.value("seed", uint64_t(0)), "; resume with the same data and seed");
+      NormalizedLoad nl = load_normalized(*model, ck.state, true);
+      for (size_t r = 0; r < opts.size(); ++r) {
+        const Device d = dp ? dp->devices()[r] : dev;
+        for (auto& [name, m] : ck.momentum.entries) opts[r].buffers()[name] = m.to(d);
+      }
+      step = t.at("step").get<int64_t>();
+      start_epoch = t.at("epoch").get<int64_t>();
+      skip = t.at("position").get<int64_t>();
+      DPT_CHECK(step >= 0 && start_epoch >= 0 && skip >= 0 && skip <= per_epoch, ConfigError, from,
+                " records an impossible position (step ", step, ", epoch ", start_epoch, ", batch ",
+                skip, ")");
+      if (fs::path(from) == fs::path(cfg.save_path)) last_saved = step;
+      res.resumed_from = from;
+      res.resumed_step = step;
+      progress.line("resumed from " + from + " at step " + std::to_string(step) + " (" + nl.str() +
+                    ")");
+    }
+  }
+
+  // ---- saving (rank 0 only) ----
+  auto save_now = [&](int64_t next_epoch, int64_t position) {
+    if (cfg.save_path.empty() || !logger || last_saved == step) return;
+    Checkpoint c = make_checkpoint(*model, save_kind);
+    c.saved_from.clear();
+    for (const Device& d : cfg.devices) c.saved_from.push_back(d.str());
+    c.world_size = int64_t(cfg.devices.size()) * cfg.group.processes;
+    if (save_kind == CheckpointKind::Full) {
+      c.optimizer = {{"name", "sgd"},
+                     {"lr", cfg.lr},
+                     {"momentum", cfg.momentum},
+                     {"weight_decay", cfg.weight_decay},
+                     {"nesterov", cfg.nesterov}};
+      for (auto& [n, t] : opts[0].buffers()) c.momentum.entries.emplace_back(n, t.share());
+      c.trainer = {{"step", step},
+                   {"epoch", next_epoch},
+                   {"position", position},
+                   {"batch_size", cfg.batch_size},
+                   {"seed", cfg.seed},
+                   {"data", cfg.data},
+                   {"total_steps", total},
+                   {"lr_schedule",
+                    {{"kind", cfg.lr_schedule},
+                     {"base_lr", cfg.lr},
+                     {"warmup_steps", sched.warmup_steps},
+                     {"step_size", cfg.lr_step_size},
+                     {"gamma", cfg.lr_gamma}}},
+                   {"rng",
+                    {{"loader", {{"seed", cfg.seed}, {"epoch", next_epoch}, {"batch", position}}},
+                     {"init_seed", cfg.seed}}},
+                   {"loss_scale", 1.0}};
+    }
+    const fs::path path(cfg.save_path);
+    std::error_code ec;
+    if (cfg.keep > 1 && last_saved >= 0 && fs::exists(path, ec)) {
+      fs::rename(path, history_path(path, last_saved), ec);
+      DPT_CHECK(!ec, FileError, "cannot keep ", cfg.save_path, " as ",
+                history_path(path, last_saved).string(), ": ", ec.message());
+      auto h = history(path);
+      while (int64_t(h.size()) > cfg.keep - 1) {
+        fs::remove(h.begin()->second, ec);
+        h.erase(h.begin());
+      }
+    }
+    write_checkpoint(c, cfg.save_path);
+    last_saved = step;
+    ++res.checkpoints_saved;
+  };
+
   const int64_t warm = std::min<int64_t>(3, total / 5);  // steps excluded from the img/s figure
   Clock::time_point steady_start = Clock::now();
   double eval_seconds = 0;
-  int64_t steady_images = 0, step = 0;
+  int64_t steady_images = 0;
   std::deque<double> recent;
   const size_t keep = size_t(std::max<int64_t>(1, total / 10));
   auto run_eval = [&](double epoch) {
@@ -235,8 +411,10 @@ TrainResult train(TrainConfig cfg) {
   };
 
   Batch batch;
-  for (int64_t epoch = 0; step < total; ++epoch) {
-    loader.start_epoch(epoch);
+  int64_t next_epoch = start_epoch, position = skip;  // where the next step's batch comes from
+  for (int64_t epoch = start_epoch; step < total; ++epoch) {
+    loader.start_epoch(epoch, skip);
+    skip = 0;
     while (step < total && loader.next(batch)) {
       const float lr = sched.lr_at(step);
       model->zero_grad();
@@ -268,9 +446,15 @@ TrainResult train(TrainConfig cfg) {
       const double ep = double(step) / double(per_epoch);
       if (step % std::max<int64_t>(1, total / 50) == 0 || step == total)
         metrics.add({"train", step, ep, loss, -1, lr, ips, since(t0)});
-      if (step % per_epoch == 0 && step < total) run_eval(ep);
+      const bool epoch_end = batch.index + 1 == per_epoch;
+      next_epoch = epoch_end ? epoch + 1 : epoch;
+      position = epoch_end ? 0 : batch.index + 1;
+      if (epoch_end && step < total) run_eval(ep);
+      if (step < total && (epoch_end || (cfg.save_every > 0 && step % cfg.save_every == 0)))
+        save_now(next_epoch, position);
     }
   }
+  save_now(next_epoch, position);
   run_eval(double(step) / double(per_epoch));
   res.steps = step;
   double s = 0;
@@ -286,6 +470,46 @@ TrainResult train(TrainConfig cfg) {
   }
   res.svg_path = metrics.write_svg();
   return res;
+}
+
+EvalReport evaluate_checkpoint(const EvalConfig& cfg) {
+  DPT_CHECK(!cfg.devices.empty(), UsageError, "--devices lists no device");
+  for (const Device& d : cfg.devices) {
+    std::string why;
+    DPT_CHECK(device_available(d, &why), DeviceError, why);
+  }
+  DPT_CHECK(cfg.batch_size >= 1, UsageError, "--batch-size must be at least 1");
+  if (cfg.threads > 0) omp_set_num_threads(cfg.threads);
+  Checkpoint ck = read_checkpoint(cfg.checkpoint);
+  ArchSpec arch = cfg.arch;
+  if (ck.kind == CheckpointKind::Full) {
+    arch = *ck.arch;  // the checkpoint knows its model; --model is not needed
+  } else {
+    DPT_CHECK(cfg.arch_given, ConfigError, cfg.checkpoint,
+              " holds weights only: pass --model (and --num-classes, --in-channels, --stem as "
+              "trained) to say which model they belong to");
+  }
+  Data data = load_data(cfg.data, cfg.data_dir, -1, cfg.test_limit, 2048, 32, arch, 0, false);
+  const Dataset& test = data.test ? *data.test : *data.train;
+  resolve_arch(arch, test);
+  std::unique_ptr<Module> model = make_model(arch, 0);
+  model->to(cfg.devices[0]);
+  EvalReport rep;
+  rep.kind = kind_name(ck.kind);
+  rep.layout = ck.layout();
+  rep.load = load_normalized(*model, ck.state, cfg.strict).str();
+  if (cfg.devices.size() > 1)
+    model = wrap_data_parallel(std::move(model), arch, cfg.devices,
+                               {.bn = parse_bn_mode(cfg.bn), .threads = cfg.threads});
+  LoaderOptions lo;
+  lo.mean = data.mean;
+  lo.std = data.std;
+  lo.batch_size = cfg.batch_size;
+  EvalResult ev = evaluate(*model, test, lo, cfg.devices[0], cfg.batch_size);
+  rep.accuracy = ev.accuracy;
+  rep.loss = ev.loss;
+  rep.samples = test.size();
+  return rep;
 }
 
 }  // namespace dpt

@@ -39,6 +39,13 @@ struct TrainConfig {
   uint64_t seed = 0;
   int threads = 0;           // 0: all cores
   std::string metrics_path;  // .jsonl or .csv; an .svg learning curve is written beside it
+  // Checkpoints (rank 0 writes): the newest always at save_path; with keep > 1 the previous ones
+  // are renamed to <stem>-step<N><ext> beside it, the newest keep - 1 of them kept.
+  std::string save_path;
+  std::string save_kind = "full";  // full (resumable) | weights
+  int64_t save_every = 0;          // also every N steps (0: at epoch ends and at the end only)
+  int64_t keep = 1;
+  std::string resume;        // a checkpoint path, or "auto": the newest valid one beside save_path
   int64_t log_every = 0;     // 0: about 20 lines per run when not on a terminal
   bool progress_bar = true;  // on a terminal only
 };
@@ -54,10 +61,38 @@ struct TrainResult {
   double communication_seconds = -1;          // DataParallel: time in the gradient all-reduces
   double exposed_communication_seconds = -1;  // the part of it not hidden behind backward
   int64_t gradient_buckets = 0;
+  std::string resumed_from;  // the checkpoint training resumed from, if any
+  int64_t resumed_step = 0;
+  int64_t checkpoints_saved = 0;
   std::string svg_path;
 };
 
 // Throws UsageError for bad settings, FileError for data problems, NumericError on NaN loss.
 TrainResult train(TrainConfig cfg);
+
+// The checkpoints beside `save_path` that --resume auto considers (save_path itself and its
+// <stem>-step<N><ext> history), newest step first; unreadable ones are skipped.
+std::vector<std::string> resume_candidates(const std::string& save_path);
+
+// `dptrain eval`: a checkpoint of either kind on any device set, on the test set.
+struct EvalConfig {
+  std::string checkpoint;
+  ArchSpec arch;            // weights-only checkpoints: the model to load them into
+  bool arch_given = false;  // --model was passed
+  bool strict = true;
+  std::vector<Device> devices{Device::cpu()};
+  std::string bn = "local";  // eval mode ignores it; DataParallel needs one
+  std::string data = "fashion-mnist";
+  std::string data_dir = "/usr/share/datasets/fashion-mnist";
+  int64_t test_limit = -1;
+  int64_t batch_size = 500;
+  int threads = 0;
+};
+struct EvalReport {
+  double accuracy = 0, loss = 0;
+  int64_t samples = 0;
+  std::string kind, layout, load;  // checkpoint kind and layout, what loading renamed
+};
+EvalReport evaluate_checkpoint(const EvalConfig& cfg);
 
 }  // namespace dpt

@@ -82,7 +82,9 @@ std::unique_ptr<Module> make_model(const ArchSpec& spec, uint64_t seed) {
   cfg.small_stem = spec.stem == "small";
   cfg.zero_init_residual = spec.zero_init_residual;
   Rng rng(seed, /*stream=*/0x1417);
-  return std::make_unique<ResNet>(cfg, rng);
+  auto model = std::make_unique<ResNet>(cfg, rng);
+  model->set_arch(std::make_shared<const ArchSpec>(spec));
+  return model;
 }
 
 }  // namespace dpt

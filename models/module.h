@@ -19,6 +19,8 @@
 
 namespace dpt {
 
+struct ArchSpec;  // models/arch.h
+
 struct Parameter {
   Tensor value;
   Tensor grad;
@@ -55,7 +57,7 @@ class Module {
   StateDict state_dict();
   // Copies values in (converting float dtypes). A shape mismatch always throws ConfigError; missing
   // or unexpected keys throw in strict mode and are only reported otherwise.
-  LoadReport load_state_dict(const StateDict& sd, bool strict = true);
+  virtual LoadReport load_state_dict(const StateDict& sd, bool strict = true);
   int64_t num_parameters();
 
   virtual void train(bool on = true);
@@ -66,6 +68,11 @@ class Module {
   virtual void zero_grad();
   // Drops tensors kept for backward (after backward, or when a forward's output is not used).
   virtual void release() {}
+
+  // The declarative description this model was built from (make_model records it; DataParallel
+  // forwards its wrapped model's), or null. A full checkpoint needs it.
+  virtual const ArchSpec* arch() const { return arch_.get(); }
+  void set_arch(std::shared_ptr<const ArchSpec> spec) { arch_ = std::move(spec); }
 
   // This module's own parameters (not its children's), in registration order.
   std::vector<Parameter*> own_parameters();
@@ -93,6 +100,7 @@ class Module {
   std::vector<std::pair<std::string, std::unique_ptr<Module>>> children_;
   bool training_ = true;
   std::function<void(Module&)> grad_ready_;
+  std::shared_ptr<const ArchSpec> arch_;
 };
 
 }  // namespace dpt

@@ -395,6 +395,13 @@ Tensor DataParallel::backward(Tensor dy) {
   return gather(dxs);
 }
 
+LoadReport DataParallel::load_state_dict(const StateDict& sd, bool strict) {
+  LoadReport rep = Module::load_state_dict(sd, strict);
+  StateDict first = replicas_[0]->state_dict();
+  for (size_t r = 1; r < replicas_.size(); ++r) replicas_[r]->load_state_dict(first, true);
+  return rep;
+}
+
 void DataParallel::train(bool on) {
   Module::train(on);
   for (Module* m : replicas_) m->train(on);

@@ -57,6 +57,9 @@ class DataParallel : public Module {
   void zero_grad() override;
   void to(const Device& d) override;
   void release() override;
+  const ArchSpec* arch() const override { return replicas_[0]->arch(); }
+  // Loads into replica 0 ("module." keys) and copies the result to every other replica.
+  LoadReport load_state_dict(const StateDict& sd, bool strict = true) override;
 
   Module& module() { return *replicas_[0]; }
   // This process's replicas (all of them unless several processes share the job).
