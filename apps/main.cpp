@@ -120,6 +120,10 @@ int run(int argc, char** argv, const dpt::MpiRuntime* mpi) {
   eval->add_option("--data-dir", ev.data_dir, "directory with the Fashion-MNIST IDX files")
       ->capture_default_str();
   eval->add_option("--test-limit", ev.test_limit, "use only the first N test samples");
+  eval->add_option("--synthetic-size", ev.synthetic_size, "samples in the synthetic dataset")
+      ->capture_default_str();
+  eval->add_option("--image-size", ev.image_size, "synthetic image side")->capture_default_str();
+  eval->add_option("--seed", ev.seed, "synthetic dataset seed")->capture_default_str();
   eval->add_option("--batch-size", ev.batch_size, "samples per forward")->capture_default_str();
   eval->add_option("--threads", ev.threads, "CPU threads (0: all cores)");
   eval->add_flag("--no-strict", no_strict, "load matching keys only; report the others");

@@ -279,11 +279,6 @@ TrainResult train(TrainConfig cfg) {
   const bool logger = cfg.group.rank == 0;  // only rank 0 of several processes writes
   MetricsWriter metrics(logger ? cfg.metrics_path : "");
   Progress progress(total, cfg.log_every, cfg.progress_bar, !logger);
-  progress.line("dptrain: " + cfg.arch.arch + " (" + std::to_string(res.parameters) +
-                " parameters) on " + devices_str(cfg.devices, bn_mode, cfg.group) + ", " +
-                train_set->name() + " " + std::to_string(train_set->size()) + " samples, batch " +
-                std::to_string(cfg.batch_size) + ", " + std::to_string(total) + " steps, " +
-                std::to_string(omp_get_max_threads()) + " threads");
 
   // ---- resume ----
   int64_t start_epoch = 0, skip = 0, last_saved = -1;
@@ -340,6 +335,12 @@ TrainResult train(TrainConfig cfg) {
                     ")");
     }
   }
+
+  progress.line("dptrain: " + cfg.arch.arch + " (" + std::to_string(res.parameters) +
+                " parameters) on " + devices_str(cfg.devices, bn_mode, cfg.group) + ", " +
+                train_set->name() + " " + std::to_string(train_set->size()) + " samples, batch " +
+                std::to_string(cfg.batch_size) + ", " + std::to_string(total) + " steps, " +
+                std::to_string(omp_get_max_threads()) + " threads");
 
   // ---- saving (rank 0 only) ----
   auto save_now = [&](int64_t next_epoch, int64_t position) {
@@ -489,7 +490,8 @@ EvalReport evaluate_checkpoint(const EvalConfig& cfg) {
               " holds weights only: pass --model (and --num-classes, --in-channels, --stem as "
               "trained) to say which model they belong to");
   }
-  Data data = load_data(cfg.data, cfg.data_dir, -1, cfg.test_limit, 2048, 32, arch, 0, false);
+  Data data = load_data(cfg.data, cfg.data_dir, -1, cfg.test_limit, cfg.synthetic_size,
+                        cfg.image_size, arch, cfg.seed, false);
   const Dataset& test = data.test ? *data.test : *data.train;
   resolve_arch(arch, test);
   std::unique_ptr<Module> model = make_model(arch, 0);

@@ -85,6 +85,9 @@ struct EvalConfig {
   std::string data = "fashion-mnist";
   std::string data_dir = "/usr/share/datasets/fashion-mnist";
   int64_t test_limit = -1;
+  int64_t synthetic_size = 2048;  // synthetic data (no split): evaluated on the set itself
+  int64_t image_size = 32;
+  uint64_t seed = 0;
   int64_t batch_size = 500;
   int threads = 0;
 };

@@ -1,7 +1,13 @@
 // The dptrain executable end to end: bad input gives one clear line and exit code 2 (usage) or 1
 // (runtime), never a crash; --json output; a short real training run that must learn.
 #include <gtest/gtest.h>
+#include <signal.h>
 #include <sys/wait.h>
+#include <unistd.h>
+
+#include <chrono>
+#include <filesystem>
+#include <thread>
 
 #include <cstdio>
 #include <cstdlib>
@@ -178,4 +184,156 @@ TEST(Cli, Resnet18LearnsFashionMnist) {
   EXPECT_EQ(j.at("steps"), 150);
   EXPECT_GE(j.at("test_accuracy").get<double>(), 0.72) << r.err;
   EXPECT_LT(j.at("train_loss").get<double>(), 1.0) << r.err;
+}
+
+// ---- checkpoints ----
+
+namespace {
+
+// Three epochs of 4 steps, saving every 3 steps (and at epoch ends), history kept.
+std::string ckpt_run(const std::string& dir, const std::string& devices) {
+  return "train --data synthetic --synthetic-size 64 --image-size 16 --model resnet18 --stem small "
+         "--batch-size 16 --threads 2 --lr 0.02 --augment --epochs 3 --devices " +
+         devices + " --save " + dir + "/a.h5 ";
+}
+
+double max_diff(const std::string& a, const std::string& b) {
+  CliRun r = dptrain("ckpt diff --json " + a + " " + b);
+  EXPECT_EQ(r.code, 0) << r.err;
+  auto j = nlohmann::json::parse(r.out);
+  EXPECT_TRUE(j.at("only_in_a").empty() && j.at("only_in_b").empty());
+  return j.at("max_abs_diff").get<double>();
+}
+
+std::string fresh_dir(const std::string& name) {
+  const std::string dir = ::testing::TempDir() + "/" + name;
+  std::filesystem::remove_all(dir);
+  std::filesystem::create_directories(dir);
+  return dir;
+}
+
+}  // namespace
+
+// Save at step 6, resume, train to 12: bit-identical to the uninterrupted run, on one device and
+// on two (same layout); from two devices onto one, equal up to rounding.
+TEST(Cli, ResumeIsExact) {
+  for (const std::string devices : {"cpu", "cpu*2"}) {
+    SCOPED_TRACE(devices);
+    const std::string dir = fresh_dir("resume");
+    CliRun full = dptrain(ckpt_run(dir, devices) + "--save-every 3 --keep 5 --json");
+    ASSERT_EQ(full.code, 0) << full.err;
+    EXPECT_EQ(nlohmann::json::parse(full.out).at("steps"), 12);
+    ASSERT_TRUE(std::filesystem::exists(dir + "/a-step6.h5"));
+    std::filesystem::copy_file(dir + "/a-step6.h5", dir + "/r.h5");
+    std::string cmd = ckpt_run(dir, devices) + "--resume " + dir + "/r.h5 --json";
+    cmd.replace(cmd.find(dir + "/a.h5"), dir.size() + 5, dir + "/r.h5");
+    CliRun resumed = dptrain(cmd);
+    ASSERT_EQ(resumed.code, 0) << resumed.err;
+    EXPECT_EQ(nlohmann::json::parse(resumed.out).at("resumed_step"), 6);
+    EXPECT_EQ(max_diff(dir + "/a.h5", dir + "/r.h5"), 0.0);
+    if (devices == "cpu*2") {
+      std::filesystem::copy_file(dir + "/a-step6.h5", dir + "/one.h5");
+      std::string one = ckpt_run(dir, "cpu") + "--resume " + dir + "/one.h5";
+      one.replace(one.find(dir + "/a.h5"), dir.size() + 5, dir + "/one.h5");
+      ASSERT_EQ(dptrain(one).code, 0);
+      const double d = max_diff(dir + "/a.h5", dir + "/one.h5");
+      EXPECT_GT(d, 0.0);  // different summation order
+      EXPECT_LT(d, 1e-3);
+    }
+  }
+}
+
+// SIGKILL while a checkpoint is being written: the previous one stays intact, and
+// --resume auto picks it up and finishes the run.
+TEST(Cli, KilledDuringSaveLosesNothing) {
+  const std::string dir = fresh_dir("killed");
+  const std::string cmd = "exec " + std::string(DPT_BINARY_DIR) + "/dptrain " +
+                          ckpt_run(dir, "cpu") + "--save-every 1 2>/dev/null";
+  const pid_t pid = fork();
+  ASSERT_GE(pid, 0);
+  if (pid == 0) {
+    execl("/bin/sh", "sh", "-c", cmd.c_str(), static_cast<char*>(nullptr));
+    _exit(127);
+  }
+  const std::string tmp_name = ".a.h5.tmp-" + std::to_string(pid);
+  bool caught = false;
+  const auto deadline = std::chrono::steady_clock::now() + std::chrono::seconds(120);
+  while (!caught && std::chrono::steady_clock::now() < deadline) {
+    // Once one checkpoint exists, kill the process as soon as the next one is being written.
+    if (std::filesystem::exists(dir + "/a.h5") && std::filesystem::exists(dir + "/" + tmp_name)) {
+      kill(pid, SIGKILL);
+      caught = true;
+    }
+    std::this_thread::sleep_for(std::chrono::microseconds(200));
+  }
+  if (!caught) kill(pid, SIGKILL);
+  int status = 0;
+  waitpid(pid, &status, 0);
+  ASSERT_TRUE(caught) << "never saw a save in progress";
+  ASSERT_TRUE(WIFSIGNALED(status) && WTERMSIG(status) == SIGKILL);
+  EXPECT_TRUE(std::filesystem::exists(dir + "/" + tmp_name)) << "killed after the save finished";
+  CliRun v = dptrain("ckpt verify " + dir + "/a.h5");
+  EXPECT_EQ(v.code, 0) << v.err;
+  CliRun r = dptrain(ckpt_run(dir, "cpu") + "--resume auto --json");
+  ASSERT_EQ(r.code, 0) << r.err;
+  auto j = nlohmann::json::parse(r.out);
+  EXPECT_GE(j.at("resumed_step").get<int>(), 1);
+  EXPECT_EQ(j.at("steps"), 12);
+  EXPECT_FALSE(std::filesystem::exists(dir + "/" + tmp_name)) << "stale temporary file kept";
+}
+
+TEST(Cli, EvalAndCkptCommands) {
+  const std::string dir = fresh_dir("evalckpt");
+  ASSERT_EQ(dptrain(ckpt_run(dir, "cpu*2") + "--max-steps 2").code, 0);
+  const std::string a = dir + "/a.h5";
+  // Saved on two devices, evaluated on three and on one: the same numbers.
+  CliRun e3 =
+      dptrain("eval --checkpoint " + a +
+              " --data synthetic --synthetic-size 64 --image-size 16 --devices cpu*3 --json");
+  ASSERT_EQ(e3.code, 0) << e3.err;
+  auto j3 = nlohmann::json::parse(e3.out);
+  CliRun e1 =
+      dptrain("eval --checkpoint " + a +
+              " --data synthetic --synthetic-size 64 --image-size 16 --map-location cpu --json");
+  ASSERT_EQ(e1.code, 0) << e1.err;
+  auto j1 = nlohmann::json::parse(e1.out);
+  EXPECT_EQ(j3.at("samples"), 64);
+  EXPECT_EQ(j3.at("layout"), "module");
+  EXPECT_NEAR(j1.at("loss").get<double>(), j3.at("loss").get<double>(), 1e-5);
+  EXPECT_EQ(j1.at("accuracy"), j3.at("accuracy"));
+  // inspect --json
+  CliRun in = dptrain("ckpt inspect --json " + a);
+  ASSERT_EQ(in.code, 0) << in.err;
+  auto ji = nlohmann::json::parse(in.out);
+  EXPECT_EQ(ji.at("kind"), "full");
+  EXPECT_EQ(ji.at("keys").size(), 122u);
+  EXPECT_EQ(ji.at("keys")[0].at("key"), "module.conv1.weight");
+  // convert to plain weights; evaluating them needs the model named.
+  const std::string w = dir + "/w.h5";
+  ASSERT_EQ(dptrain("ckpt convert " + a + " " + w + " --layout plain --kind weights").code, 0);
+  auto jw = nlohmann::json::parse(dptrain("ckpt inspect --json " + w).out);
+  EXPECT_EQ(jw.at("kind"), "weights");
+  EXPECT_EQ(jw.at("keys")[0].at("key"), "conv1.weight");
+  expect_error("eval --checkpoint " + w + " --data synthetic", 2, "weights only");
+  CliRun ew = dptrain("eval --checkpoint " + w +
+                      " --data synthetic --synthetic-size 64 --image-size 16 --model resnet18 "
+                      "--stem small --json");
+  ASSERT_EQ(ew.code, 0) << ew.err;
+  EXPECT_EQ(nlohmann::json::parse(ew.out).at("accuracy"), j1.at("accuracy"));
+  EXPECT_EQ(max_diff(a, w), 0.0);
+  // Resuming from a weights file, or with another model, is refused.
+  expect_error(ckpt_run(dir, "cpu") + "--resume " + w, 2, "no trainer state");
+  expect_error(ckpt_run(dir, "cpu") + "--model resnet34 --resume " + a, 2, "same model options");
+  // A corrupt file: one line, exit 1, for every command.
+  {
+    std::fstream f(a, std::ios::in | std::ios::out | std::ios::binary);
+    f.seekp(4096);
+    f.put('\x7f');
+  }
+  expect_error("ckpt verify " + a, 1, "is corrupt");
+  expect_error("ckpt inspect " + a, 1, "is corrupt");
+  expect_error("eval --checkpoint " + a + " --data synthetic --synthetic-size 64", 1, "is corrupt");
+  expect_error("eval --checkpoint " + dir + "/none.h5 --data synthetic", 1, "cannot open");
+  expect_error(ckpt_run(dir, "cpu") + "--resume auto --keep 0", 2, "--keep");
+  expect_error(ckpt_run(dir, "cpu") + "--save-kind half", 2, "half");
 }
