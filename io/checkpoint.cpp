@@ -3,6 +3,7 @@
 #include <H5PLpublic.h>
 #include <fcntl.h>
 #include <hdf5.h>
+#include <hdf5_hl.h>
 #include <openssl/evp.h>
 #include <signal.h>
 #include <sys/stat.h>
@@ -36,28 +37,43 @@ std::string errno_str() {
 
 // ---- SHA-256 of the whole file, its digest field taken as zeros ---------------------------------
 
-std::array<unsigned char, 32> file_digest(int fd, int64_t size, const std::string& path,
-                                          const unsigned char* header) {
+std::array<unsigned char, 32> image_digest(const std::vector<unsigned char>& image) {
   std::unique_ptr<EVP_MD_CTX, void (*)(EVP_MD_CTX*)> ctx(EVP_MD_CTX_new(), EVP_MD_CTX_free);
   DPT_CHECK(ctx && EVP_DigestInit_ex(ctx.get(), EVP_sha256(), nullptr) == 1, InternalError,
             "OpenSSL SHA-256 is unavailable");
-  std::array<unsigned char, kUserBlock> head{};
-  std::memcpy(head.data(), header, kUserBlock);
-  std::memset(head.data() + kDigestAt, 0, 32);
-  EVP_DigestUpdate(ctx.get(), head.data(), head.size());
-  std::vector<unsigned char> buf(size_t(4) << 20);
-  for (int64_t at = int64_t(kUserBlock); at < size;) {
-    const ssize_t n =
-        pread(fd, buf.data(), size_t(std::min<int64_t>(int64_t(buf.size()), size - at)), at);
-    DPT_CHECK(n > 0, FileError, "cannot read ", path, ": ",
-              n == 0 ? "unexpected end" : errno_str());
-    EVP_DigestUpdate(ctx.get(), buf.data(), size_t(n));
-    at += n;
-  }
+  const std::array<unsigned char, 32> zeros{};
+  EVP_DigestUpdate(ctx.get(), image.data(), kDigestAt);
+  EVP_DigestUpdate(ctx.get(), zeros.data(), zeros.size());
+  EVP_DigestUpdate(ctx.get(), image.data() + kDigestAt + 32, image.size() - kDigestAt - 32);
   std::array<unsigned char, 32> out{};
   unsigned int len = 0;
   EVP_DigestFinal_ex(ctx.get(), out.data(), &len);
   return out;
+}
+
+// Writes the header (magic, size, digest) into the image's user block.
+void seal_image(std::vector<unsigned char>& image) {
+  DPT_ASSERT(image.size() > kUserBlock, "image of ", image.size(), " bytes");
+  std::memset(image.data(), 0, kUserBlock);
+  std::memcpy(image.data(), kMagic, sizeof kMagic);
+  const uint64_t size = image.size();
+  std::memcpy(image.data() + kSizeAt, &size, 8);  // little-endian hosts only (x86-64, arm64)
+  auto digest = image_digest(image);
+  std::memcpy(image.data() + kDigestAt, digest.data(), digest.size());
+}
+
+void verify_image(const std::vector<unsigned char>& image, const std::string& path) {
+  DPT_CHECK(image.size() > kUserBlock && std::memcmp(image.data(), kMagic, sizeof kMagic) == 0,
+            FileError, path,
+            " is not a dptrain checkpoint (no dptrain header; .pth and .safetensors files are "
+            "read by dptrain ckpt convert)");
+  uint64_t size = 0;
+  std::memcpy(&size, image.data() + kSizeAt, 8);
+  DPT_CHECK(size == image.size(), FileError, path, " is truncated or extended: the header records ",
+            size, " bytes, the file has ", image.size());
+  auto digest = image_digest(image);
+  DPT_CHECK(std::memcmp(digest.data(), image.data() + kDigestAt, digest.size()) == 0, FileError,
+            path, " is corrupt: its SHA-256 does not match the one recorded when it was saved");
 }
 
 struct Fd {
@@ -66,6 +82,39 @@ struct Fd {
     if (fd >= 0) close(fd);
   }
 };
+
+std::vector<unsigned char> read_file(const std::string& path) {
+  Fd f{open(path.c_str(), O_RDONLY | O_CLOEXEC)};
+  DPT_CHECK(f.fd >= 0, FileError, "cannot open checkpoint ", path, ": ", errno_str());
+  struct stat st {};
+  DPT_CHECK(fstat(f.fd, &st) == 0 && S_ISREG(st.st_mode), FileError, path,
+            " is not a regular file");
+  std::vector<unsigned char> buf(size_t(st.st_size));
+  for (size_t at = 0; at < buf.size();) {
+    const ssize_t n = read(f.fd, buf.data() + at, buf.size() - at);
+    DPT_CHECK(n > 0, FileError, "cannot read ", path, ": ",
+              n == 0 ? "unexpected end" : errno_str());
+    at += size_t(n);
+  }
+  return buf;
+}
+
+// Creates `path` (which must not exist) with these bytes, flushed to disk.
+void write_new_file(const std::string& path, const std::vector<unsigned char>& bytes,
+                    const std::string& target) {
+  Fd f{open(path.c_str(), O_WRONLY | O_CREAT | O_EXCL | O_CLOEXEC, 0644)};
+  DPT_CHECK(f.fd >= 0, FileError, "cannot save ", target, ": cannot create ", path, ": ",
+            errno_str());
+  for (size_t at = 0; at < bytes.size();) {
+    const ssize_t n = write(f.fd, bytes.data() + at, bytes.size() - at);
+    DPT_CHECK(n > 0, FileError, "cannot save ", target, ": writing failed: ", errno_str());
+    at += size_t(n);
+  }
+  DPT_CHECK(fsync(f.fd) == 0, FileError, "cannot save ", target,
+            ": flushing to disk failed: ", errno_str());
+  DPT_CHECK(close(f.fd) == 0, FileError, "cannot save ", target, ": ", errno_str());
+  f.fd = -1;
+}
 
 // ---- HDF5 handles and checks -------------------------------------------------------------------
 
@@ -199,12 +248,20 @@ std::string join(const std::vector<std::string>& v) {
   return s;
 }
 
-void write_hdf5(const Checkpoint& c, const std::string& file, const std::string& path) {
+// Builds the file in memory (libhdf5's core driver, no backing store) and returns its image:
+// libhdf5 never writes to disk, so a full disk is our own write() error, reported cleanly.
+// (libhdf5 1.10 crashes at exit after a failed write to a real file.)
+std::vector<unsigned char> hdf5_image(const Checkpoint& c, const std::string& path) {
   H5 fcpl(H5Pcreate(H5P_FILE_CREATE), H5Pclose);
   H5Pset_userblock(fcpl, kUserBlock);
   H5Pset_link_creation_order(fcpl, H5P_CRT_ORDER_TRACKED | H5P_CRT_ORDER_INDEXED);
-  H5 f(DPT_H5(H5Fcreate(file.c_str(), H5F_ACC_TRUNC, fcpl, H5P_DEFAULT), path,
-              "cannot create the temporary file ", file),
+  H5 fapl(H5Pcreate(H5P_FILE_ACCESS), H5Pclose);
+  size_t bytes = 1 << 20;
+  for (auto& [k, t] : c.state.entries) bytes += t.nbytes() + 1024;
+  for (auto& [k, t] : c.momentum.entries) bytes += t.nbytes() + 1024;
+  DPT_H5(H5Pset_fapl_core(fapl, bytes, 0), path, "cannot set up the in-memory file");
+  H5 f(DPT_H5(H5Fcreate(path.c_str(), H5F_ACC_TRUNC, fcpl, fapl), path,
+              "cannot create the in-memory file"),
        H5Fclose);
   write_string_attr(f, "format", kFormat, path);
   write_int_attr(f, "format_version", kFormatVersion, path);
@@ -229,7 +286,14 @@ void write_hdf5(const Checkpoint& c, const std::string& file, const std::string&
   }
   if (!c.trainer.is_null())
     write_string_attr(ordered_group(f, "trainer", path), "state", c.trainer.dump(), path);
-  DPT_CHECK(f.close() >= 0, FileError, path, ": writing the checkpoint failed (is the disk full?)");
+  DPT_H5(H5Fflush(f, H5F_SCOPE_GLOBAL), path, "cannot finish the in-memory file");
+  const ssize_t size = DPT_H5(H5Fget_file_image(f, nullptr, 0), path, "no file image");
+  // The image starts at the superblock; the user block in front of it is ours to fill.
+  std::vector<unsigned char> image(kUserBlock + static_cast<size_t>(size));
+  DPT_H5(H5Fget_file_image(f, image.data() + kUserBlock, size_t(size)), path, "no file image");
+  DPT_CHECK(std::memcmp(image.data() + kUserBlock, "\x89HDF\r\n\x1a\n", 8) == 0, InternalError,
+            "libhdf5's file image does not start with the HDF5 signature");
+  return image;
 }
 
 // Removes temporary files of earlier saves to `path` whose writer process is gone (SIGKILL).
@@ -417,43 +481,18 @@ const char* kind_name(CheckpointKind k) {
 }
 
 void seal_checkpoint(const std::string& path) {
-  Fd f{open(path.c_str(), O_RDWR | O_CLOEXEC)};
-  DPT_CHECK(f.fd >= 0, FileError, "cannot open ", path, ": ", errno_str());
-  struct stat st {};
-  DPT_CHECK(fstat(f.fd, &st) == 0, FileError, "cannot stat ", path, ": ", errno_str());
-  std::array<unsigned char, kUserBlock> header{};
-  std::memcpy(header.data(), kMagic, sizeof kMagic);
-  const uint64_t size = uint64_t(st.st_size);
-  std::memcpy(header.data() + kSizeAt, &size, 8);  // little-endian hosts only (x86-64, arm64)
-  auto digest = file_digest(f.fd, st.st_size, path, header.data());
-  std::memcpy(header.data() + kDigestAt, digest.data(), digest.size());
-  DPT_CHECK(pwrite(f.fd, header.data(), header.size(), 0) == ssize_t(header.size()), FileError,
-            "cannot write ", path, ": ", errno_str());
-  DPT_CHECK(fsync(f.fd) == 0, FileError, "cannot flush ", path, " to disk: ", errno_str());
+  std::vector<unsigned char> image = read_file(path);
+  DPT_CHECK(image.size() > kUserBlock, FileError, path, " is too small to seal");
+  seal_image(image);
+  const std::string tmp = path + ".seal";
+  std::error_code ec;
+  fs::remove(tmp, ec);
+  write_new_file(tmp, image, path);
+  fs::rename(tmp, path);
 }
 
 void verify_checkpoint(const std::string& path) {
-  Fd f{open(path.c_str(), O_RDONLY | O_CLOEXEC)};
-  DPT_CHECK(f.fd >= 0, FileError, "cannot open checkpoint ", path, ": ", errno_str());
-  struct stat st {};
-  DPT_CHECK(fstat(f.fd, &st) == 0 && S_ISREG(st.st_mode), FileError, path,
-            " is not a regular file");
-  std::array<unsigned char, kUserBlock> header{};
-  const ssize_t n =
-      st.st_size >= int64_t(kUserBlock) ? pread(f.fd, header.data(), kUserBlock, 0) : 0;
-  DPT_CHECK(n == ssize_t(kUserBlock) && std::memcmp(header.data(), kMagic, sizeof kMagic) == 0,
-            FileError, path,
-            " is not a dptrain checkpoint (no dptrain header; .pth and .safetensors files are "
-            "read by dptrain ckpt convert)");
-  uint64_t size = 0;
-  std::memcpy(&size, header.data() + kSizeAt, 8);
-  DPT_CHECK(size == uint64_t(st.st_size), FileError, path,
-            " is truncated or extended: the header "
-            "records ",
-            size, " bytes, the file has ", st.st_size);
-  auto digest = file_digest(f.fd, st.st_size, path, header.data());
-  DPT_CHECK(std::memcmp(digest.data(), header.data() + kDigestAt, digest.size()) == 0, FileError,
-            path, " is corrupt: its SHA-256 does not match the one recorded when it was saved");
+  verify_image(read_file(path), path);
 }
 
 void write_checkpoint(const Checkpoint& c, const std::string& path_str) {
@@ -463,13 +502,13 @@ void write_checkpoint(const Checkpoint& c, const std::string& path_str) {
   std::error_code ec;
   DPT_CHECK(fs::is_directory(dir, ec), FileError, "cannot save ", path_str, ": directory ",
             dir.string(), " does not exist");
-  DPT_CHECK(access(dir.c_str(), W_OK) == 0, FileError, "cannot save ", path_str, ": directory ",
-            dir.string(), " is not writable");
+  std::vector<unsigned char> image = hdf5_image(c, path_str);
+  seal_image(image);
   remove_stale_temporaries(path);
   const fs::path tmp = dir / ("." + path.filename().string() + ".tmp-" + std::to_string(getpid()));
+  fs::remove(tmp, ec);
   try {
-    write_hdf5(c, tmp.string(), path_str);
-    seal_checkpoint(tmp.string());
+    write_new_file(tmp.string(), image, path_str);
     DPT_CHECK(std::rename(tmp.c_str(), path.c_str()) == 0, FileError, "cannot save ", path_str,
               ": rename failed: ", errno_str());
   } catch (...) {
@@ -482,13 +521,15 @@ void write_checkpoint(const Checkpoint& c, const std::string& path_str) {
 }
 
 Checkpoint read_checkpoint(const std::string& path) {
-  verify_checkpoint(path);
+  // One read: the bytes whose digest is checked are the very bytes libhdf5 then parses.
+  const std::vector<unsigned char> image = read_file(path);
+  verify_image(image, path);
   hdf5_settings();
   Checkpoint c;
-  std::error_code ec;
-  c.file_bytes = int64_t(fs::file_size(path, ec));
-  H5 fapl(H5Pcreate(H5P_FILE_ACCESS), H5Pclose);
-  H5 f(DPT_H5(H5Fopen(path.c_str(), H5F_ACC_RDONLY, fapl), path, "libhdf5 cannot open it"),
+  c.file_bytes = int64_t(image.size());
+  H5 f(DPT_H5(H5LTopen_file_image(const_cast<unsigned char*>(image.data()), image.size(),
+                                  H5LT_FILE_IMAGE_DONT_COPY | H5LT_FILE_IMAGE_DONT_RELEASE),
+              path, "libhdf5 cannot open it"),
        H5Fclose);
   const std::string format = read_string_attr(f, "format", path);
   DPT_CHECK(format == kFormat, FileError, path, ": format '", format, "' is not ", kFormat);
