@@ -3,12 +3,14 @@
 #include <H5PLpublic.h>
 #include <fcntl.h>
 #include <hdf5.h>
-#include <hdf5_hl.h>
 #include <openssl/evp.h>
 #include <signal.h>
+#include <sys/resource.h>
 #include <sys/stat.h>
+#include <sys/statvfs.h>
 #include <unistd.h>
 
+#include <algorithm>
 #include <array>
 #include <cerrno>
 #include <chrono>
@@ -37,45 +39,6 @@ std::string errno_str() {
 
 // ---- SHA-256 of the whole file, its digest field taken as zeros ---------------------------------
 
-std::array<unsigned char, 32> image_digest(const std::vector<unsigned char>& image) {
-  std::unique_ptr<EVP_MD_CTX, void (*)(EVP_MD_CTX*)> ctx(EVP_MD_CTX_new(), EVP_MD_CTX_free);
-  DPT_CHECK(ctx && EVP_DigestInit_ex(ctx.get(), EVP_sha256(), nullptr) == 1, InternalError,
-            "OpenSSL SHA-256 is unavailable");
-  const std::array<unsigned char, 32> zeros{};
-  EVP_DigestUpdate(ctx.get(), image.data(), kDigestAt);
-  EVP_DigestUpdate(ctx.get(), zeros.data(), zeros.size());
-  EVP_DigestUpdate(ctx.get(), image.data() + kDigestAt + 32, image.size() - kDigestAt - 32);
-  std::array<unsigned char, 32> out{};
-  unsigned int len = 0;
-  EVP_DigestFinal_ex(ctx.get(), out.data(), &len);
-  return out;
-}
-
-// Writes the header (magic, size, digest) into the image's user block.
-void seal_image(std::vector<unsigned char>& image) {
-  DPT_ASSERT(image.size() > kUserBlock, "image of ", image.size(), " bytes");
-  std::memset(image.data(), 0, kUserBlock);
-  std::memcpy(image.data(), kMagic, sizeof kMagic);
-  const uint64_t size = image.size();
-  std::memcpy(image.data() + kSizeAt, &size, 8);  // little-endian hosts only (x86-64, arm64)
-  auto digest = image_digest(image);
-  std::memcpy(image.data() + kDigestAt, digest.data(), digest.size());
-}
-
-void verify_image(const std::vector<unsigned char>& image, const std::string& path) {
-  DPT_CHECK(image.size() > kUserBlock && std::memcmp(image.data(), kMagic, sizeof kMagic) == 0,
-            FileError, path,
-            " is not a dptrain checkpoint (no dptrain header; .pth and .safetensors files are "
-            "read by dptrain ckpt convert)");
-  uint64_t size = 0;
-  std::memcpy(&size, image.data() + kSizeAt, 8);
-  DPT_CHECK(size == image.size(), FileError, path, " is truncated or extended: the header records ",
-            size, " bytes, the file has ", image.size());
-  auto digest = image_digest(image);
-  DPT_CHECK(std::memcmp(digest.data(), image.data() + kDigestAt, digest.size()) == 0, FileError,
-            path, " is corrupt: its SHA-256 does not match the one recorded when it was saved");
-}
-
 struct Fd {
   int fd = -1;
   ~Fd() {
@@ -83,37 +46,100 @@ struct Fd {
   }
 };
 
-std::vector<unsigned char> read_file(const std::string& path) {
-  Fd f{open(path.c_str(), O_RDONLY | O_CLOEXEC)};
-  DPT_CHECK(f.fd >= 0, FileError, "cannot open checkpoint ", path, ": ", errno_str());
-  struct stat st {};
-  DPT_CHECK(fstat(f.fd, &st) == 0 && S_ISREG(st.st_mode), FileError, path,
-            " is not a regular file");
-  std::vector<unsigned char> buf(size_t(st.st_size));
-  for (size_t at = 0; at < buf.size();) {
-    const ssize_t n = read(f.fd, buf.data() + at, buf.size() - at);
-    DPT_CHECK(n > 0, FileError, "cannot read ", path, ": ",
-              n == 0 ? "unexpected end" : errno_str());
-    at += size_t(n);
+// Bytes of the file that are also in memory (tensor data just written): hashed from there.
+struct Span {
+  uint64_t offset;
+  const void* data;
+  size_t bytes;
+};
+
+// SHA-256 of the file's bytes in order, the header's digest field taken as zeros. Spans (sorted,
+// disjoint) are hashed from memory; everything else is read from the file in one reused buffer.
+std::array<unsigned char, 32> file_digest(int fd, int64_t size, const std::string& path,
+                                          const std::vector<Span>& spans = {}) {
+  std::unique_ptr<EVP_MD_CTX, void (*)(EVP_MD_CTX*)> ctx(EVP_MD_CTX_new(), EVP_MD_CTX_free);
+  DPT_CHECK(ctx && EVP_DigestInit_ex(ctx.get(), EVP_sha256(), nullptr) == 1, InternalError,
+            "OpenSSL SHA-256 is unavailable");
+  std::vector<unsigned char> buf(size_t(4) << 20);
+  auto from_file = [&](int64_t at, int64_t end) {
+    while (at < end) {
+      const ssize_t n =
+          pread(fd, buf.data(), size_t(std::min<int64_t>(int64_t(buf.size()), end - at)), at);
+      DPT_CHECK(n > 0, FileError, "cannot read ", path, ": ",
+                n == 0 ? "unexpected end" : errno_str());
+      if (at == 0) std::memset(buf.data() + kDigestAt, 0, 32);  // reads start at 0 in one piece
+      EVP_DigestUpdate(ctx.get(), buf.data(), size_t(n));
+      at += n;
+    }
+  };
+  int64_t at = 0;
+  for (const Span& s : spans) {
+    DPT_ASSERT(int64_t(s.offset) >= std::max<int64_t>(at, kUserBlock) &&
+                   int64_t(s.offset + s.bytes) <= size,
+               "digest span out of order");
+    from_file(at, int64_t(s.offset));
+    EVP_DigestUpdate(ctx.get(), s.data, s.bytes);
+    at = int64_t(s.offset + s.bytes);
   }
-  return buf;
+  from_file(at, size);
+  std::array<unsigned char, 32> out{};
+  unsigned int len = 0;
+  EVP_DigestFinal_ex(ctx.get(), out.data(), &len);
+  return out;
 }
 
-// Creates `path` (which must not exist) with these bytes, flushed to disk.
-void write_new_file(const std::string& path, const std::vector<unsigned char>& bytes,
-                    const std::string& target) {
-  Fd f{open(path.c_str(), O_WRONLY | O_CREAT | O_EXCL | O_CLOEXEC, 0644)};
-  DPT_CHECK(f.fd >= 0, FileError, "cannot save ", target, ": cannot create ", path, ": ",
-            errno_str());
-  for (size_t at = 0; at < bytes.size();) {
-    const ssize_t n = write(f.fd, bytes.data() + at, bytes.size() - at);
-    DPT_CHECK(n > 0, FileError, "cannot save ", target, ": writing failed: ", errno_str());
-    at += size_t(n);
+// Writes the header (magic, size, digest) into the user block of an open file and flushes it.
+void seal_fd(int fd, const std::string& path, const std::vector<Span>& spans = {}) {
+  struct stat st {};
+  DPT_CHECK(fstat(fd, &st) == 0 && st.st_size > int64_t(kUserBlock), FileError, path,
+            " is too small to be a checkpoint");
+  std::array<unsigned char, kUserBlock> header{};
+  std::memcpy(header.data(), kMagic, sizeof kMagic);
+  const uint64_t size = uint64_t(st.st_size);
+  std::memcpy(header.data() + kSizeAt, &size, 8);  // little-endian hosts only (x86-64, arm64)
+  DPT_CHECK(pwrite(fd, header.data(), header.size(), 0) == ssize_t(header.size()), FileError,
+            "cannot write ", path, ": ", errno_str());
+  auto digest = file_digest(fd, st.st_size, path, spans);
+  DPT_CHECK(pwrite(fd, digest.data(), digest.size(), kDigestAt) == ssize_t(digest.size()),
+            FileError, "cannot write ", path, ": ", errno_str());
+  DPT_CHECK(fsync(fd) == 0, FileError, "cannot flush ", path, " to disk: ", errno_str());
+}
+
+// Checks magic, recorded size and digest; returns the file's status for a later unchanged check.
+struct stat verify_fd(int fd, const std::string& path) {
+  struct stat st {};
+  DPT_CHECK(fstat(fd, &st) == 0 && S_ISREG(st.st_mode), FileError, path, " is not a regular file");
+  std::array<unsigned char, kUserBlock> header{};
+  const ssize_t n = st.st_size > int64_t(kUserBlock) ? pread(fd, header.data(), kUserBlock, 0) : 0;
+  DPT_CHECK(n == ssize_t(kUserBlock) && std::memcmp(header.data(), kMagic, sizeof kMagic) == 0,
+            FileError, path,
+            " is not a dptrain checkpoint (no dptrain header; .pth and .safetensors files are "
+            "read by dptrain ckpt convert)");
+  uint64_t size = 0;
+  std::memcpy(&size, header.data() + kSizeAt, 8);
+  DPT_CHECK(size == uint64_t(st.st_size), FileError, path,
+            " is truncated or extended: the header records ", size, " bytes, the file has ",
+            st.st_size);
+  auto digest = file_digest(fd, st.st_size, path);
+  DPT_CHECK(std::memcmp(digest.data(), header.data() + kDigestAt, digest.size()) == 0, FileError,
+            path, " is corrupt: its SHA-256 does not match the one recorded when it was saved");
+  return st;
+}
+
+// Fails early, and cleanly, when a file of `bytes` cannot be written to dir: libhdf5 1.10 crashes
+// at exit after one of its own writes has failed, so it must never meet a full disk.
+void check_room(const fs::path& dir, uint64_t bytes, const std::string& path) {
+  struct statvfs vfs {};
+  if (statvfs(dir.c_str(), &vfs) == 0) {
+    const uint64_t free_bytes = uint64_t(vfs.f_bavail) * vfs.f_frsize;
+    DPT_CHECK(free_bytes >= bytes, FileError, "cannot save ", path, ": it needs about ",
+              bytes >> 20, " MiB and ", dir.string(), " has ", free_bytes >> 20, " MiB free");
   }
-  DPT_CHECK(fsync(f.fd) == 0, FileError, "cannot save ", target,
-            ": flushing to disk failed: ", errno_str());
-  DPT_CHECK(close(f.fd) == 0, FileError, "cannot save ", target, ": ", errno_str());
-  f.fd = -1;
+  rlimit lim{};
+  if (getrlimit(RLIMIT_FSIZE, &lim) == 0 && lim.rlim_cur != RLIM_INFINITY)
+    DPT_CHECK(uint64_t(lim.rlim_cur) >= bytes, FileError, "cannot save ", path, ": it needs about ",
+              bytes >> 20, " MiB, over this process's file size limit of ", lim.rlim_cur >> 20,
+              " MiB (ulimit -f)");
 }
 
 // ---- HDF5 handles and checks -------------------------------------------------------------------
@@ -213,23 +239,34 @@ H5 ordered_group(hid_t parent, const char* name, const std::string& path) {
             H5Gclose);
 }
 
-void write_tensors(hid_t group, const StateDict& sd, const std::string& path) {
+// Where each tensor's bytes go in the file: libhdf5 lays out the datasets (allocated early, never
+// filled), and we write the data ourselves, straight from the tensors.
+struct Placement {
+  haddr_t offset;
+  const Tensor* tensor;
+};
+
+void create_datasets(hid_t group, const StateDict& sd, const std::string& path,
+                     std::vector<std::pair<hid_t, const Tensor*>>& out, std::vector<H5>& keep) {
+  H5 dcpl(H5Pcreate(H5P_DATASET_CREATE), H5Pclose);
+  H5Pset_layout(dcpl, H5D_CONTIGUOUS);
+  H5Pset_alloc_time(dcpl, H5D_ALLOC_TIME_EARLY);
+  H5Pset_fill_time(dcpl, H5D_FILL_TIME_NEVER);
   for (auto& [key, t] : sd.entries) {
     DPT_CHECK(!key.empty() && key.find('/') == std::string::npos && key != ".", ConfigError,
               "cannot save state dict key '", key, "': keys must be non-empty and contain no '/'");
-    Tensor host = t.device().is_cpu() ? t.share() : t.to(Device::cpu());
-    std::vector<hsize_t> dims(host.shape().begin(), host.shape().end());
-    H5 space(host.ndim() == 0 ? H5Screate(H5S_SCALAR)
-                              : H5Screate_simple(int(dims.size()), dims.data(), nullptr),
+    std::vector<hsize_t> dims(t.shape().begin(), t.shape().end());
+    H5 space(t.ndim() == 0 ? H5Screate(H5S_SCALAR)
+                           : H5Screate_simple(int(dims.size()), dims.data(), nullptr),
              H5Sclose);
-    H5 type = file_type(host.dtype());
-    H5 ds(DPT_H5(H5Dcreate2(group, key.c_str(), type, space, H5P_DEFAULT, H5P_DEFAULT, H5P_DEFAULT),
+    H5 type = file_type(t.dtype());
+    H5 ds(DPT_H5(H5Dcreate2(group, key.c_str(), type, space, H5P_DEFAULT,
+                            t.numel() > 0 ? dcpl.get() : H5P_DEFAULT, H5P_DEFAULT),
                  path, "cannot create dataset ", key),
           H5Dclose);
-    if (host.numel() > 0)
-      DPT_H5(H5Dwrite(ds, type, H5S_ALL, H5S_ALL, H5P_DEFAULT, host.raw()), path, "cannot write ",
-             key, " (is the disk full?)");
-    write_string_attr(ds, "dtype", std::string(dtype_name(host.dtype())), path);
+    write_string_attr(ds, "dtype", std::string(dtype_name(t.dtype())), path);
+    if (t.numel() > 0) out.emplace_back(ds.get(), &t);
+    keep.push_back(std::move(ds));
   }
 }
 
@@ -248,20 +285,15 @@ std::string join(const std::vector<std::string>& v) {
   return s;
 }
 
-// Builds the file in memory (libhdf5's core driver, no backing store) and returns its image:
-// libhdf5 never writes to disk, so a full disk is our own write() error, reported cleanly.
-// (libhdf5 1.10 crashes at exit after a failed write to a real file.)
-std::vector<unsigned char> hdf5_image(const Checkpoint& c, const std::string& path) {
+// Writes the HDF5 structure (attributes, groups, datasets with their space reserved) to `file`
+// and returns where each tensor's bytes belong.
+std::vector<Placement> write_structure(const Checkpoint& c, const std::string& file,
+                                       const std::string& path) {
   H5 fcpl(H5Pcreate(H5P_FILE_CREATE), H5Pclose);
   H5Pset_userblock(fcpl, kUserBlock);
   H5Pset_link_creation_order(fcpl, H5P_CRT_ORDER_TRACKED | H5P_CRT_ORDER_INDEXED);
-  H5 fapl(H5Pcreate(H5P_FILE_ACCESS), H5Pclose);
-  size_t bytes = 1 << 20;
-  for (auto& [k, t] : c.state.entries) bytes += t.nbytes() + 1024;
-  for (auto& [k, t] : c.momentum.entries) bytes += t.nbytes() + 1024;
-  DPT_H5(H5Pset_fapl_core(fapl, bytes, 0), path, "cannot set up the in-memory file");
-  H5 f(DPT_H5(H5Fcreate(path.c_str(), H5F_ACC_TRUNC, fcpl, fapl), path,
-              "cannot create the in-memory file"),
+  H5 f(DPT_H5(H5Fcreate(file.c_str(), H5F_ACC_EXCL, fcpl, H5P_DEFAULT), path,
+              "cannot create the temporary file ", file),
        H5Fclose);
   write_string_attr(f, "format", kFormat, path);
   write_int_attr(f, "format_version", kFormatVersion, path);
@@ -278,22 +310,25 @@ std::vector<unsigned char> hdf5_image(const Checkpoint& c, const std::string& pa
               "none, so save --save-kind weights");
     write_string_attr(f, "architecture", c.arch->to_json().dump(), path);
   }
-  write_tensors(ordered_group(f, "model", path), c.state, path);
+  std::vector<std::pair<hid_t, const Tensor*>> datasets;
+  std::vector<H5> keep;
+  create_datasets(ordered_group(f, "model", path), c.state, path, datasets, keep);
   if (!c.optimizer.is_null()) {
     H5 g = ordered_group(f, "optimizer", path);
     write_string_attr(g, "hyperparameters", c.optimizer.dump(), path);
-    write_tensors(ordered_group(g, "momentum", path), c.momentum, path);
+    create_datasets(ordered_group(g, "momentum", path), c.momentum, path, datasets, keep);
   }
   if (!c.trainer.is_null())
     write_string_attr(ordered_group(f, "trainer", path), "state", c.trainer.dump(), path);
-  DPT_H5(H5Fflush(f, H5F_SCOPE_GLOBAL), path, "cannot finish the in-memory file");
-  const ssize_t size = DPT_H5(H5Fget_file_image(f, nullptr, 0), path, "no file image");
-  // The image starts at the superblock; the user block in front of it is ours to fill.
-  std::vector<unsigned char> image(kUserBlock + static_cast<size_t>(size));
-  DPT_H5(H5Fget_file_image(f, image.data() + kUserBlock, size_t(size)), path, "no file image");
-  DPT_CHECK(std::memcmp(image.data() + kUserBlock, "\x89HDF\r\n\x1a\n", 8) == 0, InternalError,
-            "libhdf5's file image does not start with the HDF5 signature");
-  return image;
+  std::vector<Placement> out;
+  for (auto& [ds, t] : datasets) {
+    const haddr_t at = H5Dget_offset(ds);
+    DPT_CHECK(at != HADDR_UNDEF, InternalError, "no storage reserved for a dataset");
+    out.push_back({at, t});
+  }
+  keep.clear();
+  DPT_CHECK(f.close() >= 0, FileError, path, ": writing the checkpoint structure failed");
+  return out;
 }
 
 // Removes temporary files of earlier saves to `path` whose writer process is gone (SIGKILL).
@@ -481,18 +516,15 @@ const char* kind_name(CheckpointKind k) {
 }
 
 void seal_checkpoint(const std::string& path) {
-  std::vector<unsigned char> image = read_file(path);
-  DPT_CHECK(image.size() > kUserBlock, FileError, path, " is too small to seal");
-  seal_image(image);
-  const std::string tmp = path + ".seal";
-  std::error_code ec;
-  fs::remove(tmp, ec);
-  write_new_file(tmp, image, path);
-  fs::rename(tmp, path);
+  Fd f{open(path.c_str(), O_RDWR | O_CLOEXEC)};
+  DPT_CHECK(f.fd >= 0, FileError, "cannot open ", path, ": ", errno_str());
+  seal_fd(f.fd, path);
 }
 
 void verify_checkpoint(const std::string& path) {
-  verify_image(read_file(path), path);
+  Fd f{open(path.c_str(), O_RDONLY | O_CLOEXEC)};
+  DPT_CHECK(f.fd >= 0, FileError, "cannot open checkpoint ", path, ": ", errno_str());
+  verify_fd(f.fd, path);
 }
 
 void write_checkpoint(const Checkpoint& c, const std::string& path_str) {
@@ -502,13 +534,34 @@ void write_checkpoint(const Checkpoint& c, const std::string& path_str) {
   std::error_code ec;
   DPT_CHECK(fs::is_directory(dir, ec), FileError, "cannot save ", path_str, ": directory ",
             dir.string(), " does not exist");
-  std::vector<unsigned char> image = hdf5_image(c, path_str);
-  seal_image(image);
+  uint64_t bytes = 1 << 20;
+  for (const StateDict* sd : {&c.state, &c.momentum})
+    for (auto& [k, t] : sd->entries) bytes += t.nbytes() + 4096;
+  check_room(dir, bytes, path_str);
   remove_stale_temporaries(path);
   const fs::path tmp = dir / ("." + path.filename().string() + ".tmp-" + std::to_string(getpid()));
   fs::remove(tmp, ec);
   try {
-    write_new_file(tmp.string(), image, path_str);
+    const std::vector<Placement> places = write_structure(c, tmp.string(), path_str);
+    Fd f{open(tmp.c_str(), O_RDWR | O_CLOEXEC)};
+    DPT_CHECK(f.fd >= 0, FileError, "cannot save ", path_str, ": ", errno_str());
+    std::vector<Tensor> hosts;  // cpu copies of device tensors, alive until sealed
+    std::vector<Span> spans;
+    for (const Placement& p : places) {
+      hosts.push_back(p.tensor->device().is_cpu() ? p.tensor->share()
+                                                  : p.tensor->to(Device::cpu()));
+      const Tensor& host = hosts.back();
+      spans.push_back({uint64_t(p.offset), host.raw(), host.nbytes()});
+      const char* src = static_cast<const char*>(host.raw());
+      for (size_t done = 0; done < host.nbytes();) {
+        const ssize_t n = pwrite(f.fd, src + done, host.nbytes() - done, off_t(p.offset + done));
+        DPT_CHECK(n > 0, FileError, "cannot save ", path_str, ": writing failed: ", errno_str());
+        done += size_t(n);
+      }
+    }
+    std::sort(spans.begin(), spans.end(),
+              [](const Span& a, const Span& b) { return a.offset < b.offset; });
+    seal_fd(f.fd, path_str, spans);
     DPT_CHECK(std::rename(tmp.c_str(), path.c_str()) == 0, FileError, "cannot save ", path_str,
               ": rename failed: ", errno_str());
   } catch (...) {
@@ -521,15 +574,13 @@ void write_checkpoint(const Checkpoint& c, const std::string& path_str) {
 }
 
 Checkpoint read_checkpoint(const std::string& path) {
-  // One read: the bytes whose digest is checked are the very bytes libhdf5 then parses.
-  const std::vector<unsigned char> image = read_file(path);
-  verify_image(image, path);
+  Fd fd{open(path.c_str(), O_RDONLY | O_CLOEXEC)};
+  DPT_CHECK(fd.fd >= 0, FileError, "cannot open checkpoint ", path, ": ", errno_str());
+  const struct stat before = verify_fd(fd.fd, path);
   hdf5_settings();
   Checkpoint c;
-  c.file_bytes = int64_t(image.size());
-  H5 f(DPT_H5(H5LTopen_file_image(const_cast<unsigned char*>(image.data()), image.size(),
-                                  H5LT_FILE_IMAGE_DONT_COPY | H5LT_FILE_IMAGE_DONT_RELEASE),
-              path, "libhdf5 cannot open it"),
+  c.file_bytes = int64_t(before.st_size);
+  H5 f(DPT_H5(H5Fopen(path.c_str(), H5F_ACC_RDONLY, H5P_DEFAULT), path, "libhdf5 cannot open it"),
        H5Fclose);
   const std::string format = read_string_attr(f, "format", path);
   DPT_CHECK(format == kFormat, FileError, path, ": format '", format, "' is not ", kFormat);
@@ -573,6 +624,13 @@ Checkpoint read_checkpoint(const std::string& path) {
     }
   }
   DPT_CHECK(seen.count("model"), FileError, path, ": no 'model' group");
+  // libhdf5 opened the file by name: it must still be the file whose digest was checked.
+  struct stat after {};
+  DPT_CHECK(fstat(fd.fd, &after) == 0 && stat(path.c_str(), &after) == 0 &&
+                after.st_ino == before.st_ino && after.st_size == before.st_size &&
+                after.st_mtim.tv_sec == before.st_mtim.tv_sec &&
+                after.st_mtim.tv_nsec == before.st_mtim.tv_nsec,
+            FileError, path, " changed while it was being read");
   const std::string prefix = wrapper_prefix(keys_of(c.state));
   DPT_CHECK(prefix == c.prefix, FileError, path, ": keys carry prefix '", prefix,
             "' but the file records '", c.prefix, "'");
