@@ -19,7 +19,7 @@ slowdown against our 1-device run on the same global batch (wrapper overhead plu
 efficiency from running each replica on fewer threads).
 
   /usr/bin/python3 benchmarks/data_parallel.py [--config resnet152-bs32-32] [--steps 12]
-      [--threads T] [--markdown PATH]
+      [--threads T] [--repeat N] [--markdown PATH]
 """
 import argparse, json, os, shlex, shutil, socket, subprocess, sys, time
 
@@ -74,6 +74,7 @@ def main():
     p.add_argument("--config", default="resnet152-bs32-32", help="MODEL-bsB-SIZE")
     p.add_argument("--steps", type=int, default=12)
     p.add_argument("--threads", type=int, default=os.cpu_count())
+    p.add_argument("--repeat", type=int, default=1, help="runs of each; the fastest counts")
     p.add_argument("--markdown", metavar="PATH")
     p.add_argument("--binary", default=os.path.join(ROOT, "build", "dptrain"))
     p.add_argument("--python", default="/usr/bin/python3")
@@ -116,27 +117,37 @@ def main():
               "exposed ms/step", "hidden"]
     rows = []
     results = {}
-    for name, cmd in runs:
-        print(f"{name} ...", file=sys.stderr, flush=True)
-        try:
-            res, _ = run_child(cmd, env)
-        except RuntimeError as e:
-            print(f"data_parallel: {e}", file=sys.stderr)
-            res = None
-        results[name] = res
-    # torch DDP: two worker processes, rank 0 reports.
-    print("torch DDP, 2 processes ...", file=sys.stderr, flush=True)
-    port = str(free_port())
-    procs = [subprocess.Popen(me + ["--ddp-worker", model, str(batch), str(size), str(args.steps),
-                                    str(half), str(r), port],
-                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
-             for r in range(2)]
-    outs = [pr.communicate() for pr in procs]
-    if all(pr.returncode == 0 for pr in procs):
-        results["torch DDP, 2 processes, local BN"] = json.loads(outs[0][0].strip().splitlines()[-1])
-    else:
-        print("data_parallel: torch DDP failed:\n" + outs[0][1][-2000:], file=sys.stderr)
-        results["torch DDP, 2 processes, local BN"] = None
+    ddp = "torch DDP, 2 processes, local BN"
+
+    def keep(name, res):  # the fastest run of each counts
+        old = results.get(name)
+        if res is not None and (old is None or res["images_per_second"] > old["images_per_second"]):
+            results[name] = res
+        else:
+            results.setdefault(name, None)
+
+    for rep in range(args.repeat):  # alternate, so slow phases of the machine hit every run
+        for name, cmd in runs:
+            print(f"{name} (run {rep + 1}/{args.repeat}) ...", file=sys.stderr, flush=True)
+            try:
+                res, _ = run_child(cmd, env)
+            except RuntimeError as e:
+                print(f"data_parallel: {e}", file=sys.stderr)
+                res = None
+            keep(name, res)
+        # torch DDP: two worker processes, rank 0 reports.
+        print(f"{ddp} (run {rep + 1}/{args.repeat}) ...", file=sys.stderr, flush=True)
+        port = str(free_port())
+        procs = [subprocess.Popen(me + ["--ddp-worker", model, str(batch), str(size),
+                                        str(args.steps), str(half), str(r), port],
+                                  stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+                 for r in range(2)]
+        outs = [pr.communicate() for pr in procs]
+        if all(pr.returncode == 0 for pr in procs):
+            keep(ddp, json.loads(outs[0][0].strip().splitlines()[-1]))
+        else:
+            print("data_parallel: torch DDP failed:\n" + outs[0][1][-2000:], file=sys.stderr)
+            keep(ddp, None)
 
     base = (results.get("ours, 1 device") or {}).get("images_per_second")
     for name, res in results.items():
@@ -159,7 +170,8 @@ def main():
     command = shlex.join([sys.executable, os.path.relpath(os.path.abspath(__file__))] + sys.argv[1:])
     note = (f"Config {args.config}; machine: {cpu_model()}, {os.cpu_count()} cores; PyTorch "
             f"{torch_version}; {args.threads} threads in total per run; {args.steps} steps (first "
-            f"{warmup_steps(args.steps)} not timed; all-reduce figures average every step).\n"
+            f"{warmup_steps(args.steps)} not timed; all-reduce figures average every step); "
+            f"fastest of {args.repeat}.\n"
             f"Command: `{command}`")
     report(markdown_table(header, rows), note, args.markdown)
     return 0
