@@ -147,11 +147,24 @@ std::string mpirun2() {
 
 TEST(Cli, MpiTwoProcesses) {
   if (std::string(DPT_MPIEXEC).empty()) GTEST_SKIP() << "built without MPI (libopenmpi-dev)";
-  CliRun r = dptrain(std::string(kTiny) + "--bn sync --bucket-mb 1 --json", mpirun2());
+  const std::string ck = ::testing::TempDir() + "/mpi_ckpt.h5";
+  std::remove(ck.c_str());
+  CliRun r = dptrain(std::string(kTiny) + "--bn sync --bucket-mb 1 --json --save " + ck, mpirun2());
   ASSERT_EQ(r.code, 0) << r.err;
   auto j = nlohmann::json::parse(r.out);  // one object: rank 1 prints nothing
   EXPECT_EQ(j.at("steps"), 2);
   EXPECT_GT(j.at("gradient_buckets").get<int>(), 10);
+  // Rank 0 wrote the checkpoint, in DataParallel's layout, recording both processes.
+  CliRun in = dptrain("ckpt inspect --json " + ck);
+  ASSERT_EQ(in.code, 0) << in.err;
+  auto ji = nlohmann::json::parse(in.out);
+  EXPECT_EQ(ji.at("layout"), "module");
+  EXPECT_EQ(ji.at("world_size"), 2);
+  // The file evaluates on two in-process devices.
+  CliRun e =
+      dptrain("eval --checkpoint " + ck +
+              " --data synthetic --synthetic-size 64 --image-size 16 --devices cpu*2 --json");
+  EXPECT_EQ(e.code, 0) << e.err;
   const std::string banner = "cpu:0 in each of 2 processes (DataParallel, sync BN)";
   const size_t at = r.err.find(banner);
   EXPECT_NE(at, std::string::npos) << r.err;
