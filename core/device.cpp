@@ -1,5 +1,9 @@
 #include "core/device.h"
 
+#ifdef DPTRAIN_HAVE_CUDA
+#include <cuda_runtime.h>
+#endif
+
 #include <charconv>
 
 #include "core/error.h"
@@ -69,10 +73,34 @@ std::vector<Device> parse_devices(std::string_view list) {
 
 namespace dpt {
 
+int cuda_device_count(std::string* why) {
+#ifdef DPTRAIN_HAVE_CUDA
+  int n = 0;
+  const cudaError_t rc = cudaGetDeviceCount(&n);
+  if (rc != cudaSuccess) {
+    if (why) *why = std::string("no usable CUDA GPU (") + cudaGetErrorString(rc) + ")";
+    return 0;
+  }
+  if (n == 0 && why) *why = "no CUDA GPU visible";
+  return n;
+#else
+  if (why) *why = "this build of dptrain has no CUDA support (CUDA toolkit and NCCL not found)";
+  return 0;
+#endif
+}
+
 bool device_available(const Device& d, std::string* why) {
   if (d.is_cpu()) return true;
-  if (why)
-    *why = "device " + d.str() + " is unavailable: this build of dptrain has no CUDA backend";
+  std::string reason;
+  const int n = cuda_device_count(&reason);
+  if (why) {
+    if (n == 0)
+      *why = "device " + d.str() + " is unavailable: " + reason;
+    else if (d.index >= n)
+      *why = "device " + d.str() + " does not exist: " + std::to_string(n) + " GPU(s) visible";
+    else
+      *why = "device " + d.str() + " is unavailable: the CUDA kernels are not written yet";
+  }
   return false;
 }
 

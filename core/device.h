@@ -28,7 +28,12 @@ struct Device {
 // every usable GPU or, without one, two CPU devices.
 std::vector<Device> parse_devices(std::string_view list);
 
-// Whether kernels can run on this device in this process (CUDA: built with CUDA and a GPU present).
+// Whether kernels can run on this device in this process. CUDA devices: not yet (the CUDA
+// kernels are issue 5); `why` says whether the build, the driver or the GPU is what is missing.
 bool device_available(const Device& d, std::string* why = nullptr);
+
+// GPUs this process can allocate memory on and communicate between (honours
+// CUDA_VISIBLE_DEVICES): 0 without a CUDA build, a driver or a GPU, with the reason in `why`.
+int cuda_device_count(std::string* why = nullptr);
 
 }  // namespace dpt

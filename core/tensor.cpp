@@ -1,5 +1,7 @@
 #include "core/tensor.h"
 
+#include "core/cuda_check.h"
+
 #include <cmath>
 #include <cstdlib>
 #include <cstring>
@@ -28,8 +30,18 @@ int64_t shape_numel(const Shape& s) {
 }
 
 void* device_alloc(const Device& d, size_t bytes) {
-  std::string why;
-  DPT_CHECK(device_available(d, &why), DeviceError, why);
+  if (d.is_cuda()) {
+    std::string why;
+    const int n = cuda_device_count(&why);
+    DPT_CHECK(d.index < n, DeviceError, "cannot allocate on ", d.str(), ": ",
+              n == 0 ? why : std::to_string(n) + " GPU(s) visible");
+#ifdef DPTRAIN_HAVE_CUDA
+    void* p = nullptr;
+    DPT_CUDA(cudaSetDevice(d.index));
+    if (bytes) DPT_CUDA(cudaMalloc(&p, bytes));
+    return p;
+#endif
+  }
   if (bytes == 0) return nullptr;
   size_t rounded = (bytes + 63) / 64 * 64;
   void* p = std::aligned_alloc(64, rounded);
@@ -37,20 +49,42 @@ void* device_alloc(const Device& d, size_t bytes) {
   return p;
 }
 
-void device_free(const Device&, void* p, size_t) noexcept {
+void device_free(const Device& d, void* p, size_t) noexcept {
+#ifdef DPTRAIN_HAVE_CUDA
+  if (d.is_cuda()) {
+    if (p && cudaSetDevice(d.index) == cudaSuccess) cudaFree(p);
+    return;
+  }
+#endif
+  (void)d;
   std::free(p);
 }
 
 void device_copy(const Device& dst_dev, void* dst, const Device& src_dev, const void* src,
                  size_t bytes) {
+  if (!bytes) return;
+#ifdef DPTRAIN_HAVE_CUDA
+  if (dst_dev.is_cuda() || src_dev.is_cuda()) {  // unified addressing: the runtime knows where
+    DPT_CUDA(cudaMemcpy(dst, src, bytes, cudaMemcpyDefault));
+    return;
+  }
+#endif
   DPT_ASSERT(dst_dev.is_cpu() && src_dev.is_cpu(), "copy between ", src_dev.str(), " and ",
-             dst_dev.str(), " needs the CUDA backend");
-  if (bytes) std::memcpy(dst, src, bytes);
+             dst_dev.str(), " needs CUDA support");
+  std::memcpy(dst, src, bytes);
 }
 
 void device_zero(const Device& d, void* p, size_t bytes) {
-  DPT_ASSERT(d.is_cpu(), "zeroing on ", d.str(), " needs the CUDA backend");
-  if (bytes) std::memset(p, 0, bytes);
+  if (!bytes) return;
+#ifdef DPTRAIN_HAVE_CUDA
+  if (d.is_cuda()) {
+    DPT_CUDA(cudaSetDevice(d.index));
+    DPT_CUDA(cudaMemset(p, 0, bytes));
+    return;
+  }
+#endif
+  DPT_ASSERT(d.is_cpu(), "zeroing on ", d.str(), " needs CUDA support");
+  std::memset(p, 0, bytes);
 }
 
 Storage::Storage(const Device& d, size_t bytes)

@@ -3,8 +3,8 @@
 // Every rank calls the same collectives in the same order, each passing its own tensors; a call
 // returns on a rank once that rank's result is complete. Every rank ends up with bit-identical
 // results (sums are taken in one order and then distributed), so replicas never drift apart.
-// Implementations: in-process (threads sharing memory, CPU devices; inprocess.cpp) and MPI
-// (processes, possibly on several nodes; mpi.cpp).
+// Implementations: in-process (threads sharing memory, CPU devices; inprocess.cpp), NCCL (GPUs of
+// one process; nccl.cpp) and MPI (processes, possibly on several nodes; mpi.cpp).
 #pragma once
 
 #include <functional>
@@ -38,6 +38,9 @@ class Communicator {
 
 // A communicator for `size` ranks that are threads of this process (CPU devices).
 std::unique_ptr<Communicator> make_inprocess_communicator(int size);
+// A communicator among these GPUs of this process, rank r on devices[r], one thread per rank
+// (NCCL, ncclCommInitAll; parallel/nccl.cpp). DeviceError without CUDA/NCCL or the GPUs.
+std::unique_ptr<Communicator> make_nccl_communicator(const std::vector<Device>& devices);
 
 // The processes of a data-parallel job: this one is `rank` of `processes`, and drives global
 // replica ranks [rank * local, (rank + 1) * local) when each process has `local` devices.

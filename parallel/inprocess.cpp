@@ -3,10 +3,10 @@
 // waits again so no buffer is reused before all ranks are done with it.
 #include <atomic>
 #include <chrono>
-#include <thread>
 #include <condition_variable>
 #include <cstring>
 #include <mutex>
+#include <thread>
 #include <vector>
 
 #include "parallel/communicator.h"
