@@ -7,6 +7,7 @@
 // one process; nccl.cpp) and MPI (processes, possibly on several nodes; mpi.cpp).
 #pragma once
 
+#include <array>
 #include <functional>
 #include <memory>
 #include <string>
@@ -41,6 +42,12 @@ std::unique_ptr<Communicator> make_inprocess_communicator(int size);
 // A communicator among these GPUs of this process, rank r on devices[r], one thread per rank
 // (NCCL, ncclCommInitAll; parallel/nccl.cpp). DeviceError without CUDA/NCCL or the GPUs.
 std::unique_ptr<Communicator> make_nccl_communicator(const std::vector<Device>& devices);
+// NCCL across processes and nodes: one process makes an id, every process receives it (MPI
+// broadcasts it: MpiRuntime::nccl_group) and makes its rank of the `size`-rank communicator.
+using NcclId = std::array<char, 128>;
+NcclId nccl_unique_id();
+std::unique_ptr<Communicator> make_nccl_rank_communicator(const NcclId& id, int rank, int size,
+                                                          const Device& device);
 
 // The processes of a data-parallel job: this one is `rank` of `processes`, and drives global
 // replica ranks [rank * local, (rank + 1) * local) when each process has `local` devices.

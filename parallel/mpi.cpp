@@ -146,6 +146,25 @@ ProcessGroup MpiRuntime::group() const {
   return g;
 }
 
+ProcessGroup MpiRuntime::nccl_group(const Device& device) const {
+  ProcessGroup g;
+  g.rank = rank_;
+  g.processes = size_;
+  const int me = rank_;
+  g.make = [me, device](int k) -> std::unique_ptr<Communicator> {
+    MPI_Comm c;
+    DPT_MPI(MPI_Comm_split(MPI_COMM_WORLD, me < k ? 0 : MPI_UNDEFINED, me, &c));
+    if (c == MPI_COMM_NULL) return nullptr;
+    NcclId id{};
+    if (me == 0) id = nccl_unique_id();
+    const int rc = MPI_Bcast(id.data(), int(id.size()), MPI_BYTE, 0, c);
+    MPI_Comm_free(&c);
+    DPT_CHECK(rc == MPI_SUCCESS, DeviceError, "broadcasting the NCCL id failed: ", mpi_error(rc));
+    return make_nccl_rank_communicator(id, me, k, device);
+  };
+  return g;
+}
+
 void MpiRuntime::abort(const std::string& why) const {
   std::fprintf(stderr, "dptrain: error: rank %d: %s\n", rank_, why.c_str());
   std::fflush(stderr);
@@ -162,6 +181,9 @@ MpiRuntime::MpiRuntime(int*, char***) {
 }
 MpiRuntime::~MpiRuntime() = default;
 ProcessGroup MpiRuntime::group() const {
+  return {};
+}
+ProcessGroup MpiRuntime::nccl_group(const Device&) const {
   return {};
 }
 void MpiRuntime::abort(const std::string& why) const {

@@ -27,6 +27,9 @@ class MpiRuntime {
   int local_size() const { return local_size_; }
   // The ranks as a process group whose communicators are MPI communicators.
   ProcessGroup group() const;
+  // The same ranks with NCCL communicators on `device` (this rank's GPU), bootstrapped over MPI:
+  // the first rank of each group makes the NCCL id and MPI broadcasts it.
+  ProcessGroup nccl_group(const Device& device) const;
   // Prints "dptrain: error: rank R: why" and brings every rank of the job down (MPI_Abort).
   [[noreturn]] void abort(const std::string& why) const;
 

@@ -4,6 +4,8 @@
 // NCCL's ring reductions give every rank the same bits. Compiled when CUDA and NCCL are found.
 #include "parallel/communicator.h"
 
+#include <cstring>
+
 #include "core/cuda_check.h"
 
 #ifdef DPTRAIN_HAVE_CUDA
@@ -23,36 +25,45 @@ namespace {
               ncclGetErrorString(dpt_nccl_rc));                     \
   } while (0)
 
+// Local ranks [first, first + devices.size()) of a communicator of `size` ranks: all of them
+// (ncclCommInitAll, one process), or one rank of a communicator spanning processes.
 class NcclCommunicator : public Communicator {
  public:
-  explicit NcclCommunicator(std::vector<Device> devices) : devices_(std::move(devices)) { init(); }
+  explicit NcclCommunicator(std::vector<Device> devices)
+      : devices_(std::move(devices)), size_(int(devices_.size())) {
+    init();
+  }
+  NcclCommunicator(const ncclUniqueId& id, int rank, int size, const Device& device)
+      : devices_{device}, first_(rank), size_(size), id_(id), spans_processes_(true) {
+    init();
+  }
   ~NcclCommunicator() override { destroy(); }
-  int size() const override { return int(devices_.size()); }
+  int size() const override { return size_; }
   std::string kind() const override { return "nccl"; }
 
   void all_reduce_sum(int rank, Tensor& t) override {
     check(rank, t, true);
-    DPT_NCCL(ncclAllReduce(t.raw(), t.raw(), size_t(t.numel()), ncclFloat32, ncclSum,
-                           comms_[size_t(rank)], streams_[size_t(rank)]));
+    DPT_NCCL(ncclAllReduce(t.raw(), t.raw(), size_t(t.numel()), ncclFloat32, ncclSum, comm(rank),
+                           stream(rank)));
     wait(rank);
   }
   void reduce_sum(int rank, Tensor& t, int root) override {
     check(rank, t, true);
-    DPT_NCCL(ncclReduce(t.raw(), t.raw(), size_t(t.numel()), ncclFloat32, ncclSum, root,
-                        comms_[size_t(rank)], streams_[size_t(rank)]));
+    DPT_NCCL(ncclReduce(t.raw(), t.raw(), size_t(t.numel()), ncclFloat32, ncclSum, root, comm(rank),
+                        stream(rank)));
     wait(rank);
   }
   void broadcast(int rank, Tensor& t, int root) override {
     check(rank, t, false);
-    DPT_NCCL(ncclBroadcast(t.raw(), t.raw(), t.nbytes(), ncclUint8, root, comms_[size_t(rank)],
-                           streams_[size_t(rank)]));
+    DPT_NCCL(
+        ncclBroadcast(t.raw(), t.raw(), t.nbytes(), ncclUint8, root, comm(rank), stream(rank)));
     wait(rank);
   }
   void all_gather(int rank, const Tensor& in, Tensor& out) override {
     check(rank, in, true);
     DPT_ASSERT(out.numel() == in.numel() * size(), "all_gather: out has ", out.numel(), " values");
-    DPT_NCCL(ncclAllGather(in.raw(), out.raw(), size_t(in.numel()), ncclFloat32,
-                           comms_[size_t(rank)], streams_[size_t(rank)]));
+    DPT_NCCL(ncclAllGather(in.raw(), out.raw(), size_t(in.numel()), ncclFloat32, comm(rank),
+                           stream(rank)));
     wait(rank);
   }
   // NCCL communicators cannot be revived after an abort: reset() makes new ones.
@@ -62,6 +73,9 @@ class NcclCommunicator : public Communicator {
     comms_.assign(comms_.size(), nullptr);
   }
   void reset() override {
+    DPT_CHECK(!spans_processes_, DeviceError,
+              "an NCCL communicator across processes cannot recover from a failure; restart the "
+              "job (--resume auto)");
     destroy();
     init();
   }
@@ -75,7 +89,12 @@ class NcclCommunicator : public Communicator {
       ids.push_back(d.index);
     }
     comms_.assign(ids.size(), nullptr);
-    DPT_NCCL(ncclCommInitAll(comms_.data(), int(ids.size()), ids.data()));
+    if (spans_processes_) {
+      DPT_CUDA(cudaSetDevice(ids[0]));
+      DPT_NCCL(ncclCommInitRank(&comms_[0], size_, id_, first_));
+    } else {
+      DPT_NCCL(ncclCommInitAll(comms_.data(), int(ids.size()), ids.data()));
+    }
     streams_.assign(ids.size(), nullptr);
     for (size_t r = 0; r < ids.size(); ++r) {
       DPT_CUDA(cudaSetDevice(ids[r]));
@@ -90,15 +109,21 @@ class NcclCommunicator : public Communicator {
     comms_.clear();
     streams_.clear();
   }
+  size_t local(int rank) const { return size_t(rank - first_); }
+  ncclComm_t comm(int rank) const { return comms_[local(rank)]; }
+  cudaStream_t stream(int rank) const { return streams_[local(rank)]; }
   void check(int rank, const Tensor& t, bool f32) const {
-    DPT_ASSERT(rank >= 0 && rank < size() && comms_[size_t(rank)] != nullptr,
-               "NCCL collective on rank ", rank, " (aborted or out of range)");
-    DPT_ASSERT(t.device() == devices_[size_t(rank)] && (!f32 || t.dtype() == DType::F32),
-               "NCCL rank ", rank, " takes tensors on ", devices_[size_t(rank)].str());
+    DPT_ASSERT(rank >= first_ && local(rank) < devices_.size() && comm(rank) != nullptr,
+               "NCCL collective on rank ", rank, " (aborted, or not one of this process's)");
+    DPT_ASSERT(t.device() == devices_[local(rank)] && (!f32 || t.dtype() == DType::F32),
+               "NCCL rank ", rank, " takes tensors on ", devices_[local(rank)].str());
   }
-  void wait(int rank) { DPT_CUDA(cudaStreamSynchronize(streams_[size_t(rank)])); }
+  void wait(int rank) { DPT_CUDA(cudaStreamSynchronize(stream(rank))); }
 
   std::vector<Device> devices_;
+  int first_ = 0, size_ = 0;
+  ncclUniqueId id_{};
+  bool spans_processes_ = false;
   std::vector<ncclComm_t> comms_;
   std::vector<cudaStream_t> streams_;
 };
@@ -115,7 +140,34 @@ std::unique_ptr<Communicator> make_nccl_communicator(const std::vector<Device>& 
   return std::make_unique<NcclCommunicator>(devices);
 }
 
+NcclId nccl_unique_id() {
+  ncclUniqueId id;
+  DPT_NCCL(ncclGetUniqueId(&id));
+  static_assert(sizeof(id) == sizeof(NcclId));
+  NcclId out;
+  std::memcpy(out.data(), &id, sizeof id);
+  return out;
+}
+
+std::unique_ptr<Communicator> make_nccl_rank_communicator(const NcclId& id, int rank, int size,
+                                                          const Device& device) {
+  std::string why;
+  const int n = cuda_device_count(&why);
+  DPT_CHECK(n > 0 && device.is_cuda() && device.index < n, DeviceError, "NCCL rank ", rank, " on ",
+            device.str(), ": ", n == 0 ? why : std::to_string(n) + " GPU(s) visible");
+  ncclUniqueId raw;
+  std::memcpy(&raw, id.data(), sizeof raw);
+  return std::make_unique<NcclCommunicator>(raw, rank, size, device);
+}
+
 #else
+
+NcclId nccl_unique_id() {
+  DPT_THROW(DeviceError, "this build of dptrain has no NCCL");
+}
+std::unique_ptr<Communicator> make_nccl_rank_communicator(const NcclId&, int, int, const Device&) {
+  DPT_THROW(DeviceError, "this build of dptrain has no NCCL");
+}
 
 std::unique_ptr<Communicator> make_nccl_communicator(const std::vector<Device>&) {
   DPT_THROW(DeviceError,
