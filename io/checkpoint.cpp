@@ -17,7 +17,9 @@
 #include <cstring>
 #include <ctime>
 #include <filesystem>
+#include <functional>
 #include <set>
+#include <thread>
 
 namespace dpt {
 
@@ -89,7 +91,10 @@ std::array<unsigned char, 32> file_digest(int fd, int64_t size, const std::strin
 }
 
 // Writes the header (magic, size, digest) into the user block of an open file and flushes it.
-void seal_fd(int fd, const std::string& path, const std::vector<Span>& spans = {}) {
+// write_data, when given, writes the spans' bytes to the file while another thread hashes them
+// from memory: the two overlap, and the digest never waits for the disk.
+void seal_fd(int fd, const std::string& path, const std::vector<Span>& spans = {},
+             const std::function<void()>& write_data = nullptr) {
   struct stat st {};
   DPT_CHECK(fstat(fd, &st) == 0 && st.st_size > int64_t(kUserBlock), FileError, path,
             " is too small to be a checkpoint");
@@ -99,7 +104,27 @@ void seal_fd(int fd, const std::string& path, const std::vector<Span>& spans = {
   std::memcpy(header.data() + kSizeAt, &size, 8);  // little-endian hosts only (x86-64, arm64)
   DPT_CHECK(pwrite(fd, header.data(), header.size(), 0) == ssize_t(header.size()), FileError,
             "cannot write ", path, ": ", errno_str());
-  auto digest = file_digest(fd, st.st_size, path, spans);
+  std::array<unsigned char, 32> digest{};
+  if (write_data) {
+    std::exception_ptr failed;
+    std::thread hasher([&] {
+      try {
+        digest = file_digest(fd, st.st_size, path, spans);
+      } catch (...) {
+        failed = std::current_exception();
+      }
+    });
+    try {
+      write_data();
+    } catch (...) {
+      hasher.join();
+      throw;
+    }
+    hasher.join();
+    if (failed) std::rethrow_exception(failed);
+  } else {
+    digest = file_digest(fd, st.st_size, path, spans);
+  }
   DPT_CHECK(pwrite(fd, digest.data(), digest.size(), kDigestAt) == ssize_t(digest.size()),
             FileError, "cannot write ", path, ": ", errno_str());
   DPT_CHECK(fsync(fd) == 0, FileError, "cannot flush ", path, " to disk: ", errno_str());
@@ -550,18 +575,20 @@ void write_checkpoint(const Checkpoint& c, const std::string& path_str) {
     for (const Placement& p : places) {
       hosts.push_back(p.tensor->device().is_cpu() ? p.tensor->share()
                                                   : p.tensor->to(Device::cpu()));
-      const Tensor& host = hosts.back();
-      spans.push_back({uint64_t(p.offset), host.raw(), host.nbytes()});
-      const char* src = static_cast<const char*>(host.raw());
-      for (size_t done = 0; done < host.nbytes();) {
-        const ssize_t n = pwrite(f.fd, src + done, host.nbytes() - done, off_t(p.offset + done));
-        DPT_CHECK(n > 0, FileError, "cannot save ", path_str, ": writing failed: ", errno_str());
-        done += size_t(n);
-      }
+      spans.push_back({uint64_t(p.offset), hosts.back().raw(), hosts.back().nbytes()});
     }
     std::sort(spans.begin(), spans.end(),
               [](const Span& a, const Span& b) { return a.offset < b.offset; });
-    seal_fd(f.fd, path_str, spans);
+    seal_fd(f.fd, path_str, spans, [&] {
+      for (const Span& sp : spans) {
+        const char* src = static_cast<const char*>(sp.data);
+        for (size_t done = 0; done < sp.bytes;) {
+          const ssize_t n = pwrite(f.fd, src + done, sp.bytes - done, off_t(sp.offset + done));
+          DPT_CHECK(n > 0, FileError, "cannot save ", path_str, ": writing failed: ", errno_str());
+          done += size_t(n);
+        }
+      }
+    });
     DPT_CHECK(std::rename(tmp.c_str(), path.c_str()) == 0, FileError, "cannot save ", path_str,
               ": rename failed: ", errno_str());
   } catch (...) {
