@@ -195,6 +195,11 @@ DataParallel::DataParallel(std::unique_ptr<Module> module, const Factory& make_r
   DPT_CHECK(g.processes == 1 || devices_.size() == 1, UsageError,
             "with several processes each process drives one device, but this one was given ",
             devices_.size());
+  output_ = opt_.output_device.value_or(devices_[0]);
+  {
+    std::string why;
+    DPT_CHECK(device_available(output_, &why), DeviceError, "output device: ", why);
+  }
   const int n = int(devices_.size());
   world_ = g.processes * n;
   first_ = g.rank * n;
@@ -307,7 +312,7 @@ Tensor DataParallel::gather(std::vector<Tensor>& local) {
   if (opt_.group.processes == 1) {
     if (!local[0].defined()) return Tensor();
     local.resize(size_t(k));
-    return cat_rows(local, devices_[0]);
+    return cat_rows(local, output_);
   }
   // One replica per process: every process contributes its chunk, padded to the largest.
   Tensor& mine = local[0];
@@ -327,10 +332,10 @@ Tensor DataParallel::gather(std::vector<Tensor>& local) {
   Shape out_shape = shape;
   out_shape[0] = 0;
   for (int64_t s : sizes_) out_shape[0] += s;
-  Tensor out(out_shape, DType::F32, devices_[0]);
+  Tensor out(out_shape, DType::F32, output_);
   int64_t at = 0;
   for (int g = 0; g < k; ++g) {
-    device_copy(devices_[0], out.data<float>() + at * row, Device::cpu(),
+    device_copy(output_, out.data<float>() + at * row, Device::cpu(),
                 all.data<float>() + g * most * row,
                 size_t(sizes_[size_t(g)] * row) * sizeof(float));
     at += sizes_[size_t(g)];

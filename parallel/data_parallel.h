@@ -25,6 +25,7 @@
 #include <functional>
 #include <map>
 #include <memory>
+#include <optional>
 #include <string>
 #include <vector>
 
@@ -41,6 +42,9 @@ struct DataParallelOptions {
   int threads = 0;          // CPU threads shared among this process's replicas (0: all cores)
   double bucket_mb = 25;    // gradient bucket size in MiB; 0: one bucket after backward
   ProcessGroup group = {};  // several processes: one device each
+  // Where forward's outputs (and backward's input gradients) are gathered, as PyTorch's
+  // output_device; default: the first device.
+  std::optional<Device> output_device = {};
 };
 
 class DataParallel : public Module {
@@ -68,6 +72,7 @@ class DataParallel : public Module {
   int world_size() const { return world_; }  // replicas in all processes
   int first_rank() const { return first_; }  // global rank of replica(0)
   const std::vector<Device>& devices() const { return devices_; }
+  const Device& output_device() const { return output_; }
   BnMode bn_mode() const { return opt_.bn; }
   // torch.chunk sizes for a batch of n rows over all replicas of the job.
   std::vector<int64_t> chunk_sizes(int64_t n) const;
@@ -94,6 +99,7 @@ class DataParallel : public Module {
 
   std::vector<Device> devices_;
   DataParallelOptions opt_;
+  Device output_;
   int world_ = 1, first_ = 0;
   std::vector<Module*> replicas_;  // [0] is the registered child "module"
   std::vector<std::unique_ptr<Module>> owned_;

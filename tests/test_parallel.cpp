@@ -285,6 +285,24 @@ TEST(DataParallel, LocalBatchNormKeepsReplicaZeroStatistics) {
   EXPECT_NE(step(*single, o1, batch(8, 30), labels(8)), step(*dp2, o2, batch(8, 30), labels(8)));
 }
 
+TEST(DataParallel, OutputDeviceAsPyTorch) {
+  DataParallel dp(
+      conditioned(3), [] { return make_model(small_spec(), 3); }, {Device::cpu(0), Device::cpu(1)},
+      DataParallelOptions{.threads = 2, .output_device = Device::cpu(1)});
+  EXPECT_EQ(dp.output_device(), Device::cpu(1));
+  dp.eval();
+  Tensor y = dp.forward(batch(4, 2));
+  EXPECT_EQ(y.device(), Device::cpu(1));
+  auto plain = conditioned(3);
+  plain->eval();
+  EXPECT_LT(relative_error(y, plain->forward(batch(4, 2))), 1e-6);
+  EXPECT_EQ(wrap(2, BnMode::Local)->output_device(), Device::cpu(0));  // default: first device
+  EXPECT_THROW(DataParallel(
+                   make_model(small_spec(), 0), [] { return make_model(small_spec(), 0); },
+                   {Device::cpu(0)}, DataParallelOptions{.output_device = Device::cuda(0)}),
+               DeviceError);
+}
+
 TEST(DataParallel, RejectsBadDevices) {
   EXPECT_THROW(
       DataParallel(make_model(small_spec(), 0), [] { return make_model(small_spec(), 0); }, {}),
