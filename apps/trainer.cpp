@@ -148,12 +148,12 @@ std::map<int64_t, fs::path> history(const fs::path& save) {
   return out;
 }
 
+// Replicas start from the wrapped model's state, so the factory's seed does not matter.
 std::unique_ptr<Module> wrap_data_parallel(std::unique_ptr<Module> model, const ArchSpec& arch,
                                            const std::vector<Device>& devices,
                                            DataParallelOptions opt) {
-  ArchSpec spec = arch;
   return std::make_unique<DataParallel>(
-      std::move(model), [spec] { return make_model(spec, 0); }, devices, std::move(opt));
+      std::move(model), [arch] { return make_model(arch, 0); }, devices, std::move(opt));
 }
 
 struct Data {
@@ -249,10 +249,8 @@ TrainResult train(TrainConfig cfg) {
   if (cfg.devices.size() > 1 || cfg.group.processes > 1) {
     DataParallelOptions dpo{
         .bn = bn_mode, .threads = cfg.threads, .bucket_mb = cfg.bucket_mb, .group = cfg.group};
-    auto wrapped = std::make_unique<DataParallel>(
-        std::move(model), [&] { return make_model(cfg.arch, cfg.seed); }, cfg.devices, dpo);
-    dp = wrapped.get();
-    model = std::move(wrapped);
+    model = wrap_data_parallel(std::move(model), cfg.arch, cfg.devices, dpo);
+    dp = static_cast<DataParallel*>(model.get());
   } else {
     model->to(dev);
   }

@@ -13,7 +13,7 @@ come from the page cache (the file was just written).
 import argparse, json, os, subprocess, sys, tempfile, time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from compare_pytorch import ROOT, cpu_model, markdown_table, report  # noqa
+from compare_pytorch import ROOT, command_line, cpu_model, markdown_table, report  # noqa
 
 
 def torch_side(directory, repeats):
@@ -70,7 +70,7 @@ def main():
          f"{100 * (ours['load_seconds'] / ours['raw_read_seconds'] - 1):+.0f}%"],
     ]
     header = ["", "dptrain (HDF5)", "torch", "raw I/O", "torch time / ours", "ours vs raw"]
-    command = " ".join([sys.executable, os.path.relpath(os.path.abspath(__file__))] + sys.argv[1:])
+    command = command_line()
     note = (f"ResNet-152 full checkpoint with momentum: {mb:.0f} MB (torch file "
             f"{theirs['file_bytes'] / 1e6:.0f} MB); machine: {cpu_model()}, {os.cpu_count()} cores; "
             f"PyTorch {theirs['torch']}; best of {args.repeat}; files in {args.dir}.\n"

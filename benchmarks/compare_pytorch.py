@@ -106,6 +106,11 @@ def markdown_table(header, rows):
                      + [fmt(r) for r in rows])
 
 
+def command_line():
+    """The command that ran this script, for the report."""
+    return shlex.join([sys.executable, os.path.relpath(os.path.abspath(sys.argv[0]))] + sys.argv[1:])
+
+
 def report(table, note, markdown_path):
     """Prints the table and its note; also writes them to markdown_path when given."""
     print(table + "\n\n" + note)
@@ -173,7 +178,7 @@ def main():
         rows.append([name, f"{oi:.1f}", f"{ti:.1f}", f"{oi / ti:.2f}" if ti else "-",
                      f"{orss:.0f}", f"{trss:.0f}", f"{orss / trss:.2f}" if trss else "-"])
 
-    command = shlex.join([sys.executable, os.path.relpath(os.path.abspath(__file__))] + sys.argv[1:])
+    command = command_line()
     machine = (f"Machine: {cpu_model()}, {os.cpu_count()} cores; PyTorch {torch_version}; "
                f"threads: {args.threads}; steps: {args.steps} (first {warmup_steps(args.steps)} "
                f"not timed), best of {args.repeat}.\nCommand: `{command}`")

@@ -21,11 +21,11 @@ efficiency from running each replica on fewer threads).
   /usr/bin/python3 benchmarks/data_parallel.py [--config resnet152-bs32-32] [--steps 12]
       [--threads T] [--repeat N] [--markdown PATH]
 """
-import argparse, json, os, shlex, shutil, socket, subprocess, sys, time
+import argparse, json, os, shutil, socket, subprocess, sys, time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from compare_pytorch import (NUM_CLASSES, ROOT, cpu_model, markdown_table, parse_config,  # noqa
-                             report, run_child, torch_worker, warmup_steps)
+from compare_pytorch import (NUM_CLASSES, ROOT, command_line, cpu_model, markdown_table,  # noqa
+                             parse_config, report, run_child, torch_worker, warmup_steps)
 
 
 def ddp_worker(model_name, batch, size, steps, threads, rank, world, port):
@@ -167,7 +167,7 @@ def main():
         rows.append(row)
     torch_version = subprocess.run([args.python, "-c", "import torch; print(torch.__version__)"],
                                    capture_output=True, text=True).stdout.strip()
-    command = shlex.join([sys.executable, os.path.relpath(os.path.abspath(__file__))] + sys.argv[1:])
+    command = command_line()
     note = (f"Config {args.config}; machine: {cpu_model()}, {os.cpu_count()} cores; PyTorch "
             f"{torch_version}; {args.threads} threads in total per run; {args.steps} steps (first "
             f"{warmup_steps(args.steps)} not timed; all-reduce figures average every step); "

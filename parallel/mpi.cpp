@@ -111,6 +111,13 @@ class MpiCommunicator : public Communicator {
   int rank_ = 0, size_ = 1;
 };
 
+// A new communicator among world ranks [0, k), or MPI_COMM_NULL on the others (collective).
+MPI_Comm first_ranks(int me, int k) {
+  MPI_Comm c;
+  DPT_MPI(MPI_Comm_split(MPI_COMM_WORLD, me < k ? 0 : MPI_UNDEFINED, me, &c));
+  return c;
+}
+
 }  // namespace
 
 MpiRuntime::MpiRuntime(int* argc, char*** argv) {
@@ -138,8 +145,7 @@ ProcessGroup MpiRuntime::group() const {
   g.processes = size_;
   const int me = rank_;
   g.make = [me](int k) -> std::unique_ptr<Communicator> {
-    MPI_Comm c;
-    DPT_MPI(MPI_Comm_split(MPI_COMM_WORLD, me < k ? 0 : MPI_UNDEFINED, me, &c));
+    MPI_Comm c = first_ranks(me, k);
     if (c == MPI_COMM_NULL) return nullptr;
     return std::make_unique<MpiCommunicator>(c);
   };
@@ -152,8 +158,7 @@ ProcessGroup MpiRuntime::nccl_group(const Device& device) const {
   g.processes = size_;
   const int me = rank_;
   g.make = [me, device](int k) -> std::unique_ptr<Communicator> {
-    MPI_Comm c;
-    DPT_MPI(MPI_Comm_split(MPI_COMM_WORLD, me < k ? 0 : MPI_UNDEFINED, me, &c));
+    MPI_Comm c = first_ranks(me, k);
     if (c == MPI_COMM_NULL) return nullptr;
     NcclId id{};
     if (me == 0) id = nccl_unique_id();
