@@ -7,8 +7,8 @@
 
 namespace dpt {
 
-nlohmann::json ckpt_inspect(const std::string& path) {
-  Checkpoint c = read_checkpoint(path);
+nlohmann::json ckpt_inspect(const std::string& path, FileFormat format) {
+  Checkpoint c = read_checkpoint(path, format);
   nlohmann::json keys = nlohmann::json::array();
   int64_t bytes = 0;
   for (auto& [k, t] : c.state.entries) {
@@ -19,6 +19,8 @@ nlohmann::json ckpt_inspect(const std::string& path) {
     bytes += int64_t(t.nbytes());
   }
   nlohmann::json j{{"path", path},
+                   {"format", format_name(c.format)},
+                   {"found_under", c.found_under},
                    {"kind", kind_name(c.kind)},
                    {"layout", c.layout()},
                    {"prefix", c.prefix},
@@ -37,14 +39,16 @@ nlohmann::json ckpt_inspect(const std::string& path) {
 }
 
 std::string ckpt_convert(const std::string& in, const std::string& out, const std::string& layout,
-                         bool weights_only) {
+                         bool weights_only, FileFormat from, FileFormat to) {
   DPT_CHECK(layout.empty() || layout == "plain" || layout == "module", UsageError,
             "unknown --layout '", layout, "': expected plain or module");
-  Checkpoint c = read_checkpoint(in);
-  std::string did;
+  Checkpoint c = read_checkpoint(in, from);
+  if (to == FileFormat::Auto) to = format_for_extension(out);
+  std::string did = std::string(format_name(c.format)) + " to " + format_name(to);
+  if (!c.found_under.empty()) did += "; state dict taken from '" + c.found_under + "'";
   if (!layout.empty()) {
     const std::string prefix = layout == "plain" ? "" : "module.";
-    if (prefix != c.prefix) did = "keys from layout " + c.layout() + " to " + layout;
+    if (prefix != c.prefix) did += "; keys from layout " + c.layout() + " to " + layout;
     c.state = with_prefix(c.state, prefix);
     c.prefix = prefix;
   }
@@ -54,10 +58,16 @@ std::string ckpt_convert(const std::string& in, const std::string& out, const st
     c.optimizer = nullptr;
     c.momentum = StateDict();
     c.trainer = nullptr;
-    did += std::string(did.empty() ? "" : "; ") + "kind full to weights";
+    did += "; kind full to weights";
   }
-  write_checkpoint(c, out);
-  return did.empty() ? "copied unchanged" : did;
+  const bool training = !c.optimizer.is_null() || !c.trainer.is_null();
+  if (to == FileFormat::Pth && c.kind == CheckpointKind::Full)
+    did += "; the architecture" + std::string(training ? " and training state were" : " was") +
+           " left out (a .pth file holds the state dict only)";
+  else if (to == FileFormat::Safetensors && training)
+    did += "; the optimizer and trainer state were left out (resuming needs an .h5 checkpoint)";
+  write_checkpoint(c, out, to);
+  return did;
 }
 
 nlohmann::json ckpt_diff(const std::string& a_path, const std::string& b_path) {

@@ -99,6 +99,9 @@ int run(int argc, char** argv, const dpt::MpiRuntime* mpi) {
       ->add_option("--keep", cfg.keep,
                    "keep this many newest checkpoints (older ones as <stem>-step<N>.h5)")
       ->capture_default_str();
+  train->add_option("--init-from", cfg.init_from,
+                    "start from the weights of any checkpoint (.h5, .pth, .safetensors) and "
+                    "fine-tune; a classifier of another size is re-initialised");
   train->add_option("--resume", cfg.resume,
                     "resume from a full checkpoint, or 'auto': the newest valid one beside --save");
   train->add_flag("--json", json, "print one JSON object with the results on stdout");
@@ -111,7 +114,9 @@ int run(int argc, char** argv, const dpt::MpiRuntime* mpi) {
   std::string eval_devices = "cpu";
   bool no_strict = false;
   auto* eval = app.add_subcommand("eval", "evaluate a checkpoint on the test set");
-  eval->add_option("--checkpoint", ev.checkpoint, "checkpoint file (.h5)")->required();
+  eval->add_option("--checkpoint", ev.checkpoint,
+                   "checkpoint file: .h5, or a .pth / .safetensors state dict with --model")
+      ->required();
   add_model_flags(*eval, ev.arch);
   eval->add_option("--devices,--map-location", eval_devices,
                    "where to run: any device list, whatever the checkpoint was saved from")
@@ -129,16 +134,31 @@ int run(int argc, char** argv, const dpt::MpiRuntime* mpi) {
   eval->add_flag("--no-strict", no_strict, "load matching keys only; report the others");
   eval->add_flag("--json", json, "print one JSON object with the results on stdout");
 
-  std::string ck_a, ck_b, layout;
+  std::string ck_a, ck_b, layout, from_format = "auto", to_format = "auto";
   bool weights_only = false;
   auto* ckpt = app.add_subcommand("ckpt", "inspect, convert, diff or verify checkpoints");
   ckpt->require_subcommand(1);
-  auto* inspect = ckpt->add_subcommand("inspect", "kind, layout, architecture and every key");
-  inspect->add_option("path", ck_a, "checkpoint")->required();
+  auto* inspect =
+      ckpt->add_subcommand("inspect", "format, kind, layout, architecture and every key");
+  inspect->add_option("path", ck_a, "checkpoint (.h5, .pth, .safetensors)")->required();
+  inspect->add_option("--format", from_format, "auto (from the content), h5, pth or safetensors")
+      ->capture_default_str();
   inspect->add_flag("--json", json, "one JSON object instead of text");
-  auto* convert = ckpt->add_subcommand("convert", "rewrite a checkpoint in another layout or kind");
-  convert->add_option("in", ck_a, "input checkpoint")->required();
-  convert->add_option("out", ck_b, "output checkpoint")->required();
+  auto* convert = ckpt->add_subcommand(
+      "convert", "rewrite a checkpoint in another format (by extension), layout or kind");
+  convert->add_option("in", ck_a, "input: .h5, .pth (torch.save) or .safetensors")->required();
+  convert->add_option("out", ck_b, "output: .pth/.pt, .safetensors, anything else HDF5")
+      ->required();
+  convert
+      ->add_option("--from", from_format,
+                   "input format: auto (from the content), h5, pth, "
+                   "safetensors")
+      ->capture_default_str();
+  convert
+      ->add_option("--to", to_format,
+                   "output format: auto (from the extension), h5, pth, "
+                   "safetensors")
+      ->capture_default_str();
   convert->add_option("--layout", layout, "plain (no prefix) or module (DataParallel's)");
   convert->add_flag("--weights-only", weights_only, "drop architecture and training state");
   std::string convert_kind;
@@ -198,14 +218,21 @@ int run(int argc, char** argv, const dpt::MpiRuntime* mpi) {
   }
   if (*ckpt) {
     if (*inspect) {
-      nlohmann::json j = dpt::ckpt_inspect(ck_a);
+      nlohmann::json j = dpt::ckpt_inspect(ck_a, dpt::parse_file_format(from_format));
       if (json) {
         std::cout << j.dump() << std::endl;
       } else {
-        std::cout << ck_a << ": " << j["kind"].get<std::string>() << " checkpoint, layout "
+        std::cout << ck_a << ": " << j["format"].get<std::string>() << " file, "
+                  << (j["found_under"].get<std::string>().empty()
+                          ? ""
+                          : "state dict under '" + j["found_under"].get<std::string>() + "', ")
+                  << j["kind"].get<std::string>() << " checkpoint, layout "
                   << j["layout"].get<std::string>() << ", " << j["keys"].size() << " tensors ("
-                  << j["tensor_bytes"] << " bytes), saved " << j["saved_at"].get<std::string>()
-                  << " from " << j["saved_from"].dump() << "\n";
+                  << j["tensor_bytes"] << " bytes), saved "
+                  << (j["saved_at"].get<std::string>().empty()
+                          ? ""
+                          : j["saved_at"].get<std::string>() + " ")
+                  << "from " << j["saved_from"].dump() << "\n";
         if (!j["architecture"].is_null())
           std::cout << "architecture: " << j["architecture"].dump() << "\n";
         if (!j["trainer"].is_null()) std::cout << "trainer: " << j["trainer"].dump() << "\n";
@@ -217,8 +244,11 @@ int run(int argc, char** argv, const dpt::MpiRuntime* mpi) {
       if (!convert_kind.empty())
         weights_only = weights_only ||
                        dpt::parse_checkpoint_kind(convert_kind) == dpt::CheckpointKind::Weights;
-      std::fprintf(stderr, "%s -> %s: %s\n", ck_a.c_str(), ck_b.c_str(),
-                   dpt::ckpt_convert(ck_a, ck_b, layout, weights_only).c_str());
+      std::fprintf(
+          stderr, "%s -> %s: %s\n", ck_a.c_str(), ck_b.c_str(),
+          dpt::ckpt_convert(ck_a, ck_b, layout, weights_only, dpt::parse_file_format(from_format),
+                            dpt::parse_file_format(to_format))
+              .c_str());
     } else if (*diff) {
       nlohmann::json j = dpt::ckpt_diff(ck_a, ck_b);
       if (json) {
@@ -233,7 +263,8 @@ int run(int argc, char** argv, const dpt::MpiRuntime* mpi) {
                   << ", only in b: " << j["only_in_b"].size() << "\n";
       }
     } else if (*verify) {
-      dpt::ckpt_inspect(ck_a);  // digest, then every object validated
+      dpt::verify_checkpoint(ck_a);  // digest or CRCs
+      dpt::ckpt_inspect(ck_a);       // then every object validated
       std::fprintf(stderr, "%s: ok\n", ck_a.c_str());
     }
     return 0;
@@ -270,6 +301,7 @@ int run(int argc, char** argv, const dpt::MpiRuntime* mpi) {
       j["exposed_communication_seconds"] = r.exposed_communication_seconds;
       j["gradient_buckets"] = r.gradient_buckets;
     }
+    if (!r.init_note.empty()) j["init_from"] = r.init_note;
     if (!r.resumed_from.empty()) {
       j["resumed_from"] = r.resumed_from;
       j["resumed_step"] = r.resumed_step;

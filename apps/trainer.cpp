@@ -122,6 +122,63 @@ EvalResult evaluate(Module& model, const Dataset& test, const LoaderOptions& bas
 
 namespace fs = std::filesystem;
 
+}  // namespace
+
+std::string init_from_checkpoint(Module& model, const std::string& path) {
+  Checkpoint ck = read_checkpoint(path);
+  StateDict mine = model.state_dict();
+  StateDict use;
+  std::vector<std::string> skipped, notes;
+  if (!ck.found_under.empty()) notes.push_back("state dict under '" + ck.found_under + "'");
+  for (auto& [key, t] : with_prefix(ck.state, "").entries) {
+    const Tensor* m = mine.find(key);
+    if (m && m->shape() != t.shape() && (key == "fc.weight" || key == "fc.bias")) {
+      skipped.push_back(key);
+      if (key == "fc.weight")
+        notes.push_back("fc re-initialised: the checkpoint has " + std::to_string(t.dim(0)) +
+                        " classes, this model " + std::to_string(m->dim(0)));
+      continue;
+    }
+    if (m && key == "conv1.weight" && t.ndim() == 4 && m->ndim() == 4 && m->dim(1) == 1 &&
+        t.dim(1) > 1 && t.dim(0) == m->dim(0) && t.dim(2) == m->dim(2) && t.dim(3) == m->dim(3)) {
+      // A colour stem for grey images: one channel that sees the sum of the colour filters.
+      const Tensor w = t.to(DType::F32);
+      Tensor g({t.dim(0), 1, t.dim(2), t.dim(3)});
+      const int64_t c = t.dim(1), hw = t.dim(2) * t.dim(3);
+      for (int64_t o = 0; o < t.dim(0); ++o)
+        for (int64_t k = 0; k < hw; ++k) {
+          float sum = 0;
+          for (int64_t i = 0; i < c; ++i) sum += w.data<float>()[(o * c + i) * hw + k];
+          g.data<float>()[o * hw + k] = sum;
+        }
+      notes.push_back("conv1: the checkpoint's " + std::to_string(c) +
+                      " input channels summed into 1");
+      use.entries.emplace_back(key, std::move(g));
+      continue;
+    }
+    use.entries.emplace_back(key, t.share());
+  }
+  NormalizedLoad nl;
+  try {
+    nl = load_normalized(model, use, false);
+  } catch (const ConfigError& e) {
+    DPT_THROW(ConfigError, path, " does not fit this model: ", e.what(),
+              "; check --model, --stem and --in-channels");
+  }
+  std::vector<std::string> missing;
+  for (const std::string& k : nl.report.missing)
+    if (std::find(skipped.begin(), skipped.end(), k) == skipped.end()) missing.push_back(k);
+  DPT_CHECK(missing.empty() && nl.report.unexpected.empty(), ConfigError, path,
+            " does not fit this model: ", LoadReport{missing, nl.report.unexpected}.str(),
+            "; check --model, --stem and --in-channels");
+  std::string out = path + ": " + std::to_string(use.size()) + " tensors loaded (" +
+                    std::string(format_name(ck.format)) + ", layout " + ck.layout() + ")";
+  for (const std::string& n : notes) out += "; " + n;
+  return out;
+}
+
+namespace {
+
 // <stem>-step<N><ext> beside the checkpoint path: the history kept by --keep.
 fs::path history_path(const fs::path& save, int64_t step) {
   return save.parent_path() /
@@ -245,6 +302,8 @@ TrainResult train(TrainConfig cfg) {
   Loader loader(*train_set, lo);
 
   std::unique_ptr<Module> model = make_model(cfg.arch, cfg.seed);
+  TrainResult res;
+  if (!cfg.init_from.empty()) res.init_note = init_from_checkpoint(*model, cfg.init_from);
   DataParallel* dp = nullptr;
   if (cfg.devices.size() > 1 || cfg.group.processes > 1) {
     DataParallelOptions dpo{
@@ -255,7 +314,6 @@ TrainResult train(TrainConfig cfg) {
     model->to(dev);
   }
   model->train();
-  TrainResult res;
   res.parameters = model->num_parameters();
   int64_t step = 0;
 
@@ -339,6 +397,7 @@ TrainResult train(TrainConfig cfg) {
                 train_set->name() + " " + std::to_string(train_set->size()) + " samples, batch " +
                 std::to_string(cfg.batch_size) + ", " + std::to_string(total) + " steps, " +
                 std::to_string(omp_get_max_threads()) + " threads");
+  if (!res.init_note.empty()) progress.line("init from " + res.init_note);
 
   // ---- saving (rank 0 only) ----
   auto save_now = [&](int64_t next_epoch, int64_t position) {

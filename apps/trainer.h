@@ -45,6 +45,7 @@ struct TrainConfig {
   std::string save_kind = "full";  // full (resumable) | weights
   int64_t save_every = 0;          // also every N steps (0: at epoch ends and at the end only)
   int64_t keep = 1;
+  std::string init_from;     // weights to fine-tune from: .h5, .pth or .safetensors
   std::string resume;        // a checkpoint path, or "auto": the newest valid one beside save_path
   int64_t log_every = 0;     // 0: about 20 lines per run when not on a terminal
   bool progress_bar = true;  // on a terminal only
@@ -61,11 +62,18 @@ struct TrainResult {
   double communication_seconds = -1;          // DataParallel: time in the gradient all-reduces
   double exposed_communication_seconds = -1;  // the part of it not hidden behind backward
   int64_t gradient_buckets = 0;
+  std::string init_note;     // --init-from: what was loaded, renamed, re-initialised
   std::string resumed_from;  // the checkpoint training resumed from, if any
   int64_t resumed_step = 0;
   int64_t checkpoints_saved = 0;
   std::string svg_path;
 };
+
+// --init-from: loads the weights of any checkpoint (.h5, .pth, .safetensors, any layout) into a
+// freshly built model. A classifier (fc) of another size keeps its initialisation, and colour
+// stem weights are summed over their input channels for a one-channel model; anything else that
+// does not fit throws ConfigError. Returns one line saying what was done.
+std::string init_from_checkpoint(Module& model, const std::string& path);
 
 // Throws UsageError for bad settings, FileError for data problems, NumericError on NaN loss.
 TrainResult train(TrainConfig cfg);

@@ -1,5 +1,8 @@
 #include "io/checkpoint.h"
 
+#include "io/file.h"
+#include "io/formats.h"
+
 #include <H5PLpublic.h>
 #include <fcntl.h>
 #include <hdf5.h>
@@ -35,18 +38,7 @@ constexpr char kMagic[16] = {'D', 'P', 'T', 'R', 'A', 'I', 'N', '-',
 constexpr size_t kDigestAt = 24, kSizeAt = 16;
 constexpr size_t kMaxAttribute = 16 << 20;  // JSON attributes are a few KB
 
-std::string errno_str() {
-  return std::strerror(errno);
-}
-
 // ---- SHA-256 of the whole file, its digest field taken as zeros ---------------------------------
-
-struct Fd {
-  int fd = -1;
-  ~Fd() {
-    if (fd >= 0) close(fd);
-  }
-};
 
 // Bytes of the file that are also in memory (tensor data just written): hashed from there.
 struct Span {
@@ -149,22 +141,6 @@ struct stat verify_fd(int fd, const std::string& path) {
   DPT_CHECK(std::memcmp(digest.data(), header.data() + kDigestAt, digest.size()) == 0, FileError,
             path, " is corrupt: its SHA-256 does not match the one recorded when it was saved");
   return st;
-}
-
-// Fails early, and cleanly, when a file of `bytes` cannot be written to dir: libhdf5 1.10 crashes
-// at exit after one of its own writes has failed, so it must never meet a full disk.
-void check_room(const fs::path& dir, uint64_t bytes, const std::string& path) {
-  struct statvfs vfs {};
-  if (statvfs(dir.c_str(), &vfs) == 0) {
-    const uint64_t free_bytes = uint64_t(vfs.f_bavail) * vfs.f_frsize;
-    DPT_CHECK(free_bytes >= bytes, FileError, "cannot save ", path, ": it needs about ",
-              bytes >> 20, " MiB and ", dir.string(), " has ", free_bytes >> 20, " MiB free");
-  }
-  rlimit lim{};
-  if (getrlimit(RLIMIT_FSIZE, &lim) == 0 && lim.rlim_cur != RLIM_INFINITY)
-    DPT_CHECK(uint64_t(lim.rlim_cur) >= bytes, FileError, "cannot save ", path, ": it needs about ",
-              bytes >> 20, " MiB, over this process's file size limit of ", lim.rlim_cur >> 20,
-              " MiB (ulimit -f)");
 }
 
 // ---- HDF5 handles and checks -------------------------------------------------------------------
@@ -356,19 +332,6 @@ std::vector<Placement> write_structure(const Checkpoint& c, const std::string& f
   return out;
 }
 
-// Removes temporary files of earlier saves to `path` whose writer process is gone (SIGKILL).
-void remove_stale_temporaries(const fs::path& path) {
-  std::error_code ec;
-  const std::string stem = "." + path.filename().string() + ".tmp-";
-  for (auto& e :
-       fs::directory_iterator(path.parent_path().empty() ? "." : path.parent_path(), ec)) {
-    const std::string name = e.path().filename().string();
-    if (name.rfind(stem, 0) != 0) continue;
-    const long pid = std::atol(name.c_str() + stem.size());
-    if (pid > 0 && kill(pid_t(pid), 0) != 0 && errno == ESRCH) fs::remove(e.path(), ec);
-  }
-}
-
 // ---- reading -------------------------------------------------------------------------------
 
 std::string read_string_attr(hid_t obj, const char* name, const std::string& path) {
@@ -516,6 +479,8 @@ StateDict read_tensors(hid_t group, const std::string& where, int64_t file_bytes
   return sd;
 }
 
+}  // namespace
+
 std::vector<std::string> split_commas(const std::string& s) {
   std::vector<std::string> out;
   size_t at = 0;
@@ -528,8 +493,6 @@ std::vector<std::string> split_commas(const std::string& s) {
   return out;
 }
 
-}  // namespace
-
 CheckpointKind parse_checkpoint_kind(const std::string& s) {
   if (s == "full") return CheckpointKind::Full;
   if (s == "weights") return CheckpointKind::Weights;
@@ -541,35 +504,99 @@ const char* kind_name(CheckpointKind k) {
 }
 
 void seal_checkpoint(const std::string& path) {
-  Fd f{open(path.c_str(), O_RDWR | O_CLOEXEC)};
+  Fd f(open(path.c_str(), O_RDWR | O_CLOEXEC));
   DPT_CHECK(f.fd >= 0, FileError, "cannot open ", path, ": ", errno_str());
   seal_fd(f.fd, path);
 }
 
 void verify_checkpoint(const std::string& path) {
-  Fd f{open(path.c_str(), O_RDONLY | O_CLOEXEC)};
+  if (sniff_format(path) != FileFormat::Hdf5) {
+    read_checkpoint(path);
+    return;
+  }
+  Fd f(open(path.c_str(), O_RDONLY | O_CLOEXEC));
   DPT_CHECK(f.fd >= 0, FileError, "cannot open checkpoint ", path, ": ", errno_str());
   verify_fd(f.fd, path);
 }
 
-void write_checkpoint(const Checkpoint& c, const std::string& path_str) {
+FileFormat parse_file_format(const std::string& s) {
+  if (s == "auto") return FileFormat::Auto;
+  if (s == "h5" || s == "hdf5") return FileFormat::Hdf5;
+  if (s == "pth" || s == "pt") return FileFormat::Pth;
+  if (s == "safetensors") return FileFormat::Safetensors;
+  DPT_THROW(UsageError, "unknown format '", s, "': expected auto, h5, pth or safetensors");
+}
+
+const char* format_name(FileFormat f) {
+  switch (f) {
+    case FileFormat::Auto:
+      return "auto";
+    case FileFormat::Hdf5:
+      return "h5";
+    case FileFormat::Pth:
+      return "pth";
+    case FileFormat::Safetensors:
+      return "safetensors";
+  }
+  return "?";
+}
+
+FileFormat sniff_format(const std::string& path) {
+  ReadFile f(path);
+  DPT_CHECK(f.size() > 0, FileError, path, " is empty");
+  unsigned char b[16] = {};
+  f.read(0, b, uint64_t(std::min<int64_t>(f.size(), 16)), "its first bytes");
+  if (f.size() >= 16 && std::memcmp(b, kMagic, sizeof kMagic) == 0) return FileFormat::Hdf5;
+  if (f.size() >= 8 && std::memcmp(b, "\x89HDF\r\n\x1a\n", 8) == 0) return FileFormat::Hdf5;
+  if (f.size() >= 4 && b[0] == 'P' && b[1] == 'K') return FileFormat::Pth;
+  if (f.size() >= 9 && b[8] == '{') return FileFormat::Safetensors;
+  if (b[0] == 0x80) return FileFormat::Pth;  // a bare pickle: read_pth explains
+  // Damaged beyond recognition: the extension says which reader explains the problem.
+  if (format_for_extension(path) != FileFormat::Hdf5) return format_for_extension(path);
+  DPT_THROW(FileError, path,
+            " is neither a dptrain checkpoint (HDF5), a torch.save file (.pth) nor a "
+            "safetensors file");
+}
+
+FileFormat format_for_extension(const std::string& path) {
+  std::string ext = fs::path(path).extension().string();
+  for (char& ch : ext) ch = char(std::tolower(static_cast<unsigned char>(ch)));
+  if (ext == ".pt" || ext == ".pth" || ext == ".pkl" || ext == ".bin") return FileFormat::Pth;
+  if (ext == ".safetensors") return FileFormat::Safetensors;
+  return FileFormat::Hdf5;
+}
+
+Checkpoint read_checkpoint(const std::string& path, FileFormat format) {
+  switch (format == FileFormat::Auto ? sniff_format(path) : format) {
+    case FileFormat::Pth:
+      return read_pth(path);
+    case FileFormat::Safetensors:
+      return read_safetensors(path);
+    default:
+      return read_hdf5(path);
+  }
+}
+
+void write_checkpoint(const Checkpoint& c, const std::string& path, FileFormat format) {
+  switch (format == FileFormat::Auto ? format_for_extension(path) : format) {
+    case FileFormat::Pth:
+      return write_pth(c, path);
+    case FileFormat::Safetensors:
+      return write_safetensors(c, path);
+    default:
+      return write_hdf5(c, path);
+  }
+}
+
+void write_hdf5(const Checkpoint& c, const std::string& path) {
   hdf5_settings();
-  const fs::path path(path_str);
-  const fs::path dir = path.parent_path().empty() ? fs::path(".") : path.parent_path();
-  std::error_code ec;
-  DPT_CHECK(fs::is_directory(dir, ec), FileError, "cannot save ", path_str, ": directory ",
-            dir.string(), " does not exist");
   uint64_t bytes = 1 << 20;
   for (const StateDict* sd : {&c.state, &c.momentum})
     for (auto& [k, t] : sd->entries) bytes += t.nbytes() + 4096;
-  check_room(dir, bytes, path_str);
-  remove_stale_temporaries(path);
-  const fs::path tmp = dir / ("." + path.filename().string() + ".tmp-" + std::to_string(getpid()));
-  fs::remove(tmp, ec);
-  try {
-    const std::vector<Placement> places = write_structure(c, tmp.string(), path_str);
-    Fd f{open(tmp.c_str(), O_RDWR | O_CLOEXEC)};
-    DPT_CHECK(f.fd >= 0, FileError, "cannot save ", path_str, ": ", errno_str());
+  atomic_save(path, bytes, [&](const std::string& tmp) {
+    const std::vector<Placement> places = write_structure(c, tmp, path);
+    Fd f(open(tmp.c_str(), O_RDWR | O_CLOEXEC));
+    DPT_CHECK(f.fd >= 0, FileError, "cannot save ", path, ": ", errno_str());
     std::vector<Tensor> hosts;  // cpu copies of device tensors, alive until sealed
     std::vector<Span> spans;
     for (const Placement& p : places) {
@@ -579,29 +606,14 @@ void write_checkpoint(const Checkpoint& c, const std::string& path_str) {
     }
     std::sort(spans.begin(), spans.end(),
               [](const Span& a, const Span& b) { return a.offset < b.offset; });
-    seal_fd(f.fd, path_str, spans, [&] {
-      for (const Span& sp : spans) {
-        const char* src = static_cast<const char*>(sp.data);
-        for (size_t done = 0; done < sp.bytes;) {
-          const ssize_t n = pwrite(f.fd, src + done, sp.bytes - done, off_t(sp.offset + done));
-          DPT_CHECK(n > 0, FileError, "cannot save ", path_str, ": writing failed: ", errno_str());
-          done += size_t(n);
-        }
-      }
+    seal_fd(f.fd, path, spans, [&] {
+      for (const Span& sp : spans) write_at(f.fd, sp.data, sp.bytes, int64_t(sp.offset), path);
     });
-    DPT_CHECK(std::rename(tmp.c_str(), path.c_str()) == 0, FileError, "cannot save ", path_str,
-              ": rename failed: ", errno_str());
-  } catch (...) {
-    fs::remove(tmp, ec);
-    throw;
-  }
-  Fd d{open(dir.c_str(), O_RDONLY | O_DIRECTORY | O_CLOEXEC)};
-  DPT_CHECK(d.fd >= 0 && fsync(d.fd) == 0, FileError, "saved ", path_str,
-            " but could not flush its directory to disk: ", errno_str());
+  });
 }
 
-Checkpoint read_checkpoint(const std::string& path) {
-  Fd fd{open(path.c_str(), O_RDONLY | O_CLOEXEC)};
+Checkpoint read_hdf5(const std::string& path) {
+  Fd fd(open(path.c_str(), O_RDONLY | O_CLOEXEC));
   DPT_CHECK(fd.fd >= 0, FileError, "cannot open checkpoint ", path, ": ", errno_str());
   const struct stat before = verify_fd(fd.fd, path);
   hdf5_settings();

@@ -23,6 +23,16 @@
 namespace dpt {
 
 enum class CheckpointKind { Full, Weights };
+// The file formats dptrain reads and writes: its own HDF5 checkpoints, PyTorch's torch.save zip
+// files (.pt/.pth/.pkl) and safetensors. Auto: by content when reading, by extension when writing
+// (.pt/.pth/.pkl, .safetensors, anything else HDF5).
+enum class FileFormat { Auto, Hdf5, Pth, Safetensors };
+FileFormat parse_file_format(const std::string& s);  // "auto" | "h5" | "pth" | "safetensors"
+const char* format_name(FileFormat f);
+// The format of an existing file, from its first bytes (FileError when none fits).
+FileFormat sniff_format(const std::string& path);
+// The format a path is written in, from its extension.
+FileFormat format_for_extension(const std::string& path);
 CheckpointKind parse_checkpoint_kind(const std::string& s);  // "full" | "weights"; UsageError
 const char* kind_name(CheckpointKind k);
 
@@ -40,14 +50,20 @@ struct Checkpoint {
   std::string version;                         // dptrain version that wrote it
   std::string saved_at;                        // UTC, ISO 8601
   int64_t file_bytes = 0;                      // filled in by read_checkpoint
+  FileFormat format = FileFormat::Hdf5;        // the file's format (read_checkpoint)
+  std::string found_under;                     // .pth training dicts: the key holding the state
   std::string layout() const { return prefix.empty() ? "plain" : "module"; }
 };
 
-// Writes c to path atomically and durably. FileError (path untouched) on any failure.
-void write_checkpoint(const Checkpoint& c, const std::string& path);
+// Writes c to path atomically and durably. FileError (path untouched) on any failure. .pth files
+// hold the state dict only and safetensors files the state dict and architecture: optimizer and
+// trainer state live in HDF5 checkpoints alone.
+void write_checkpoint(const Checkpoint& c, const std::string& path,
+                      FileFormat format = FileFormat::Auto);
 // Verifies, then reads and validates the whole file. FileError naming the file and the problem.
-Checkpoint read_checkpoint(const std::string& path);
-// The integrity check alone: magic, recorded size and SHA-256 of the file.
+Checkpoint read_checkpoint(const std::string& path, FileFormat format = FileFormat::Auto);
+// The integrity check alone: for HDF5 the magic, recorded size and SHA-256 of the file; for the
+// other formats a full read (CRC-32 of every .pth entry, every safetensors offset).
 void verify_checkpoint(const std::string& path);
 // Recomputes and stores the digest of an HDF5 file that has a 512-byte user block (tests use it
 // to build well-sealed files with bad contents).

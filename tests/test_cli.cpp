@@ -350,3 +350,64 @@ TEST(Cli, EvalAndCkptCommands) {
   expect_error(ckpt_run(dir, "cpu") + "--resume auto --keep 0", 2, "--keep");
   expect_error(ckpt_run(dir, "cpu") + "--save-kind half", 2, "half");
 }
+
+// .h5 <-> .pth <-> .safetensors by extension, evaluation of each, and fine-tuning with --init-from
+// from a file whose classifier and input channels differ.
+TEST(Cli, InteropConvertEvalAndInitFrom) {
+  const std::string dir = fresh_dir("interop");
+  ASSERT_EQ(dptrain(ckpt_run(dir, "cpu*2") + "--max-steps 2").code, 0);
+  const std::string a = dir + "/a.h5", pth = dir + "/a.pth", st = dir + "/a.safetensors";
+  CliRun c1 = dptrain("ckpt convert " + a + " " + pth + " --layout plain");
+  ASSERT_EQ(c1.code, 0) << c1.err;
+  EXPECT_NE(c1.err.find("h5 to pth"), std::string::npos) << c1.err;
+  EXPECT_NE(c1.err.find("left out"), std::string::npos) << c1.err;
+  ASSERT_EQ(dptrain("ckpt convert " + a + " " + st).code, 0);
+  EXPECT_EQ(max_diff(a, pth), 0.0);
+  EXPECT_EQ(max_diff(pth, st), 0.0);
+  ASSERT_EQ(dptrain("ckpt convert " + pth + " " + dir + "/p.safetensors").code, 0);
+  EXPECT_EQ(nlohmann::json::parse(dptrain("ckpt inspect --json " + dir + "/p.safetensors").out)
+                .at("kind"),
+            "weights");
+  auto jp = nlohmann::json::parse(dptrain("ckpt inspect --json " + pth).out);
+  EXPECT_EQ(jp.at("format"), "pth");
+  EXPECT_EQ(jp.at("layout"), "plain");
+  EXPECT_EQ(nlohmann::json::parse(dptrain("ckpt inspect --json " + st).out).at("format"),
+            "safetensors");
+  // --to overrides the extension; --format overrides the content sniffing (and fails honestly).
+  ASSERT_EQ(dptrain("ckpt convert " + a + " " + dir + "/x.bin --to safetensors").code, 0);
+  EXPECT_EQ(
+      nlohmann::json::parse(dptrain("ckpt inspect --json " + dir + "/x.bin").out).at("format"),
+      "safetensors");
+  expect_error("ckpt inspect --format pth " + dir + "/x.bin", 1, "not a ZIP archive");
+  expect_error("ckpt convert " + a + " " + dir + "/y --to onnx", 2, "onnx");
+  EXPECT_EQ(dptrain("ckpt verify " + pth).code, 0);
+  // The same accuracy from all three; the safetensors file carries its architecture.
+  const std::string data = " --data synthetic --synthetic-size 64 --image-size 16 --json";
+  auto acc = [&](const std::string& args) {
+    CliRun r = dptrain("eval --checkpoint " + args + data);
+    EXPECT_EQ(r.code, 0) << r.err;
+    return r.code == 0 ? nlohmann::json::parse(r.out).at("accuracy").get<double>() : -1.0;
+  };
+  const double want = acc(a);
+  EXPECT_EQ(acc(pth + " --model resnet18 --stem small"), want);
+  EXPECT_EQ(acc(st), want);
+  expect_error("eval --checkpoint " + pth + data, 2, "weights only");
+  // Fine-tune a 1-channel, 10-class model from a 3-channel, 20-class one.
+  ASSERT_EQ(
+      dptrain(std::string(kTiny) + "--stem small --num-classes 20 --save " + dir + "/big.h5").code,
+      0);
+  ASSERT_EQ(dptrain("ckpt convert " + dir + "/big.h5 " + dir + "/big.pth").code, 0);
+  CliRun ft = dptrain(
+      "train --data synthetic --synthetic-size 64 --image-size 16 --model resnet18 --stem small "
+      "--in-channels 1 --batch-size 16 --max-steps 2 --threads 2 --json --init-from " +
+      dir + "/big.pth");
+  ASSERT_EQ(ft.code, 0) << ft.err;
+  const std::string note = nlohmann::json::parse(ft.out).at("init_from");
+  EXPECT_NE(note.find("fc re-initialised: the checkpoint has 20 classes, this model 10"),
+            std::string::npos)
+      << note;
+  EXPECT_NE(note.find("3 input channels summed into 1"), std::string::npos) << note;
+  expect_error(std::string(kTiny) + "--init-from " + dir + "/big.pth --model resnet34", 2,
+               "does not fit");
+  expect_error(std::string(kTiny) + "--init-from " + dir + "/none.pth", 1, "cannot open");
+}
