@@ -7,9 +7,14 @@
 #include <sys/statvfs.h>
 #include <unistd.h>
 
+#include <algorithm>
+#include <atomic>
 #include <cerrno>
 #include <cstring>
 #include <filesystem>
+#include <mutex>
+#include <thread>
+#include <vector>
 
 #include "core/error.h"
 
@@ -70,6 +75,30 @@ void write_at(int fd, const void* data, uint64_t n, int64_t offset, const std::s
     DPT_CHECK(r > 0, FileError, "cannot save ", path, ": writing failed: ", errno_str());
     done += uint64_t(r);
   }
+}
+
+void parallel_for(size_t n, const std::function<void(size_t)>& fn) {
+  std::atomic<size_t> next{0};
+  std::exception_ptr failed;
+  std::mutex m;
+  auto work = [&] {
+    for (size_t i; (i = next++) < n;) {
+      try {
+        fn(i);
+      } catch (...) {
+        std::lock_guard<std::mutex> lock(m);
+        if (!failed) failed = std::current_exception();
+        next = n;
+      }
+    }
+  };
+  const size_t threads =
+      std::min<size_t>({n, std::max(1u, std::thread::hardware_concurrency()), 4});
+  std::vector<std::thread> pool;
+  for (size_t t = 1; t < threads; ++t) pool.emplace_back(work);
+  work();
+  for (auto& t : pool) t.join();
+  if (failed) std::rethrow_exception(failed);
 }
 
 namespace {

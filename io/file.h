@@ -49,6 +49,11 @@ class ReadFile {
 // Writes all n bytes at offset; FileError naming path on failure.
 void write_at(int fd, const void* data, uint64_t n, int64_t offset, const std::string& path);
 
+// Calls fn(0..n-1) on up to 4 threads (the caller's included); the first exception thrown stops
+// the others from starting new items and is rethrown. Reading several tensors at once overlaps
+// one's copy and checks with another's page faults.
+void parallel_for(size_t n, const std::function<void(size_t)>& fn);
+
 // Saves `path` atomically and durably: checks there is room for about `bytes`, removes
 // temporaries of earlier saves whose process is gone, calls write(tmp) to create and fill a
 // temporary file beside path (write must fsync it), renames it over path and flushes the

@@ -93,6 +93,12 @@ bool contiguous(const Shape& size, const Shape& stride) {
   return true;
 }
 
+struct StorageJob {
+  const ZipEntry* entry;
+  Tensor buf;
+  size_t es;
+};
+
 class PthReader {
  public:
   explicit PthReader(const std::string& path) : file_(path), path_(path) {}
@@ -133,7 +139,17 @@ class PthReader {
     c.file_bytes = file_.size();
     c.version = "";
     c.saved_from.clear();
-    std::map<std::string, Tensor> storages;  // key -> its bytes, read once
+    // First every check and allocation, then the reads (in parallel), then the tensors.
+    struct Pending {
+      const std::string* key;
+      const PyObj* tensor;
+      size_t job, es;
+      DType dt;
+      bool from_double;
+    };
+    std::vector<StorageJob> jobs;
+    std::map<std::string, size_t> job_of;  // storage key -> its job: each storage is read once
+    std::vector<Pending> pending;
     std::set<std::string> names;
     for (auto& [k, t] : sd->dict) {
       DPT_CHECK(names.insert(k->s).second, FileError, path_, ": key ", k->s, " appears twice");
@@ -146,26 +162,33 @@ class PthReader {
         DPT_THROW(FileError, path_, ": tensor ", k->s, " ", e.what());
       }
       const size_t es = storage_element_size(st.storage_type);
-      auto it = storages.find(st.s);
-      if (it == storages.end()) {
+      auto it = job_of.find(st.s);
+      if (it == job_of.end()) {
         const ZipEntry* e = zip.find(archive + "data/" + st.s);
         DPT_CHECK(e != nullptr, FileError, path_, ": storage ", st.s, " of tensor ", k->s,
                   " is missing from the archive");
         DPT_CHECK(e->size == uint64_t(st.i) * es, FileError, path_, ": storage ", st.s, " of ",
                   k->s, " holds ", e->size, " bytes, but its reference says ", st.i, " x ", es);
         const DType held = from_double ? DType::I64 : dt;  // float64 bytes, converted later
-        Tensor buf({int64_t(e->size / dtype_size(held))}, held);
-        zip.read(*e, buf.raw());
-        if (big_endian) swap_bytes(static_cast<char*>(buf.raw()), e->size, es);
-        it = storages.emplace(st.s, std::move(buf)).first;
+        jobs.push_back({e, Tensor({int64_t(e->size / dtype_size(held))}, held), es});
+        it = job_of.emplace(st.s, jobs.size() - 1).first;
         if (std::find(c.saved_from.begin(), c.saved_from.end(), st.location) == c.saved_from.end())
           c.saved_from.push_back(st.location);
       } else {
-        DPT_CHECK(uint64_t(it->second.nbytes()) == uint64_t(st.i) * es, FileError, path_,
+        DPT_CHECK(uint64_t(jobs[it->second].buf.nbytes()) == uint64_t(st.i) * es, FileError, path_,
                   ": storage ", st.s, " is referenced with two different sizes");
       }
-      c.state.entries.emplace_back(k->s, tensor_of(it->second, *t, es, dt, from_double));
+      pending.push_back({&k->s, t, it->second, es, dt, from_double});
     }
+    parallel_for(jobs.size(), [&](size_t i) {  // read and CRC-check every storage
+      zip.read(*jobs[i].entry, jobs[i].buf.raw());
+      char* bytes = static_cast<char*>(jobs[i].buf.raw());
+      for (uint64_t at = 0; big_endian && at + jobs[i].es <= jobs[i].entry->size; at += jobs[i].es)
+        std::reverse(bytes + at, bytes + at + jobs[i].es);
+    });
+    for (const Pending& q : pending)
+      c.state.entries.emplace_back(
+          *q.key, tensor_of(jobs[q.job].buf, *q.tensor, q.es, q.dt, q.from_double));
     c.prefix = wrapper_prefix(keys_of(c.state));
     return c;
   }
@@ -182,10 +205,6 @@ class PthReader {
               "with a recent PyTorch, e.g. torch.save(torch.load(f), 'new.pth')");
     DPT_CHECK(head[0] != 0x80, FileError, path_,
               " is a bare pickle, not a torch.save zip file: re-save it with torch.save");
-  }
-
-  static void swap_bytes(char* p, uint64_t n, size_t es) {
-    for (uint64_t i = 0; i + es <= n; i += es) std::reverse(p + i, p + i + es);
   }
 
   Tensor tensor_of(const Tensor& storage, const PyObj& t, size_t es, DType dt, bool from_double) {

@@ -172,30 +172,27 @@ Checkpoint read_safetensors(const std::string& path) {
   }
   for (const Entry& e : entries) {
     const std::string dt = kDtypes[e.rank].name;
-    DType t;
-    if (dt == "F32" || dt == "F64")
-      t = DType::F32;
-    else if (dt == "F16")
-      t = DType::F16;
-    else if (dt == "BF16")
-      t = DType::BF16;
-    else if (dt == "I64")
-      t = DType::I64;
-    else
-      DPT_THROW(FileError, path, ": tensor '", e.name, "' is ", dt,
-                ", which dptrain does not load (F32, F64, F16, BF16 and I64 only)");
-    Tensor out(e.shape, t);
-    const int64_t at_file = int64_t(8 + n + e.begin);
-    if (dt == "F64") {
-      std::vector<double> tmp(size_t(out.numel()));
-      f.read(at_file, tmp.data(), e.end - e.begin, "tensor " + e.name);
-      float* o = out.data<float>();
-      for (size_t i = 0; i < tmp.size(); ++i) o[i] = float(tmp[i]);
-    } else {
-      f.read(at_file, out.raw(), e.end - e.begin, "tensor " + e.name);
-    }
-    c.state.entries.emplace_back(e.name, std::move(out));
+    DPT_CHECK(dt == "F32" || dt == "F64" || dt == "F16" || dt == "BF16" || dt == "I64", FileError,
+              path, ": tensor '", e.name, "' is ", dt,
+              ", which dptrain does not load (F32, F64, F16, BF16 and I64 only)");
+    const DType t = dt == "F16"    ? DType::F16
+                    : dt == "BF16" ? DType::BF16
+                    : dt == "I64"  ? DType::I64
+                                   : DType::F32;
+    c.state.entries.emplace_back(e.name, Tensor(e.shape, t));
   }
+  parallel_for(entries.size(), [&](size_t i) {
+    const Entry& e = entries[i];
+    Tensor& out = c.state.entries[i].second;
+    const int64_t from = int64_t(8 + n + e.begin);
+    if (std::string(kDtypes[e.rank].name) == "F64") {
+      std::vector<double> tmp(size_t(out.numel()));
+      f.read(from, tmp.data(), e.end - e.begin, "tensor " + e.name);
+      for (size_t k = 0; k < tmp.size(); ++k) out.data<float>()[k] = float(tmp[k]);
+    } else {
+      f.read(from, out.raw(), e.end - e.begin, "tensor " + e.name);
+    }
+  });
   c.prefix = wrapper_prefix(keys_of(c.state));
   return c;
 }

@@ -1,5 +1,6 @@
 #include "io/zip.h"
 
+#include <libdeflate.h>
 #include <zlib.h>
 
 #include <algorithm>
@@ -30,7 +31,7 @@ void put(std::string& s, uint64_t v, int bytes) {
 }
 
 uint32_t crc32_of(const void* data, uint64_t n) {
-  return uint32_t(crc32_z(0, static_cast<const Bytef*>(data), z_size_t(n)));
+  return libdeflate_crc32(0, data, size_t(n));
 }
 
 }  // namespace
