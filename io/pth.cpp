@@ -220,7 +220,7 @@ class PthReader {
         o[i] = float(v);
       }
     } else {
-      std::memcpy(out.raw(), tmp.data(), tmp.size());
+      if (!tmp.empty()) std::memcpy(out.raw(), tmp.data(), tmp.size());
     }
     return out;
   }

@@ -250,11 +250,12 @@ void write_safetensors(const Checkpoint& c, const std::string& path) {
     Fd f = create_file(tmp, path);
     const std::string head = len + h;
     write_at(f.fd, head.data(), head.size(), 0, path);
-    int64_t at = int64_t(head.size());
-    for (const Item& it : items) {
-      write_at(f.fd, it.host.raw(), it.host.nbytes(), at, path);
-      at += int64_t(it.host.nbytes());
-    }
+    std::vector<int64_t> at(items.size(), int64_t(head.size()));
+    for (size_t i = 1; i < items.size(); ++i)
+      at[i] = at[i - 1] + int64_t(items[i - 1].host.nbytes());
+    parallel_for(items.size(), [&](size_t i) {
+      write_at(f.fd, items[i].host.raw(), items[i].host.nbytes(), at[i], path);
+    });
     sync_file(f.fd, path);
   });
 }

@@ -206,17 +206,18 @@ void ZipWriter::add(const std::string& name, const void* data, uint64_t bytes) {
   ZipEntry z;
   z.name = name;
   z.size = z.compressed = bytes;
-  z.crc = crc32_of(data, bytes);
-  z.data_offset = at_;
+  z.data_offset = at_;  // of the local header, for now
   const bool big = zip64_ || bytes >= k32;
+  // Local header: signature, version needed, flags, method (stored), time, date (1980-01-01),
+  // CRC-32 (filled in by finish), sizes, name length, extra length; then name and extra.
   std::string h;
   put(h, kLocalSig, 4);
-  put(h, big ? 45 : 20, 2);  // version needed
-  put(h, 0, 2);              // flags
-  put(h, 0, 2);              // stored
-  put(h, 0, 2);              // time
-  put(h, 0x21, 2);           // date: 1980-01-01
-  put(h, z.crc, 4);
+  put(h, big ? 45 : 20, 2);
+  put(h, 0, 2);
+  put(h, 0, 2);
+  put(h, 0, 2);
+  put(h, 0x21, 2);
+  put(h, 0, 4);
   put(h, big ? k32 : bytes, 4);
   put(h, big ? k32 : bytes, 4);
   put(h, name.size(), 2);
@@ -235,13 +236,22 @@ void ZipWriter::add(const std::string& name, const void* data, uint64_t bytes) {
   extra.append(pad, 'Z');
   put(h, extra.size(), 2);
   h += name + extra;
-  write_at(fd_, h.data(), h.size(), int64_t(at_), path_);
-  write_at(fd_, data, bytes, int64_t(at_ + h.size()), path_);
   at_ += h.size() + bytes;
   entries_.push_back(std::move(z));
+  pending_.push_back({std::move(h), data});
 }
 
 void ZipWriter::finish() {
+  // Every entry's place is known: checksums and writes of several entries run at once.
+  parallel_for(entries_.size(), [&](size_t i) {
+    ZipEntry& z = entries_[i];
+    std::string& h = pending_[i].header;
+    z.crc = crc32_of(pending_[i].data, z.size);
+    for (int k = 0; k < 4; ++k) h[14 + k] = char((z.crc >> (8 * k)) & 0xff);
+    write_at(fd_, h.data(), h.size(), int64_t(z.data_offset), path_);
+    write_at(fd_, pending_[i].data, z.size, int64_t(z.data_offset + h.size()), path_);
+  });
+  pending_.clear();
   const uint64_t cd_offset = at_;
   std::string cd;
   for (const ZipEntry& z : entries_) {

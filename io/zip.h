@@ -44,8 +44,10 @@ class ZipWriter {
   // Appends entries to fd (an empty file); force_zip64 writes ZIP64 records even for small
   // archives (tests use it: real ones need them only past 4 GiB).
   ZipWriter(int fd, std::string path, bool force_zip64 = false);
+  // Places an entry; data must stay valid until finish().
   void add(const std::string& name, const void* data, uint64_t bytes);
-  void finish();  // writes the central directory; the caller fsyncs
+  // Writes every entry (several at once) and the central directory; the caller fsyncs.
+  void finish();
 
  private:
   int fd_;
@@ -53,6 +55,11 @@ class ZipWriter {
   bool zip64_;
   uint64_t at_ = 0;
   std::vector<ZipEntry> entries_;  // data_offset here is the local header's offset
+  struct Pending {
+    std::string header;  // local header, CRC-32 still zero
+    const void* data;
+  };
+  std::vector<Pending> pending_;
 };
 
 }  // namespace dpt

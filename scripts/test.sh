@@ -1,7 +1,21 @@
 #!/usr/bin/env bash
-# Builds dptrain (installing missing Debian packages) and runs the whole test suite with CTest.
-# Extra arguments go to ctest, e.g. `scripts/test.sh -L fast` or `-E Parity`.
+# Builds dptrain (installing missing Debian packages) and runs the whole test suite with CTest,
+# then the loaders of untrusted bytes (checkpoints, .pth, safetensors, IDX) again under
+# AddressSanitizer + UndefinedBehaviorSanitizer in build-asan/.
+# Extra arguments go to ctest, e.g. `scripts/test.sh -L fast` or `-E Parity` (and skip the
+# sanitizer run).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
 ctest --test-dir build --output-on-failure --timeout 600 "$@"
+(($#)) && exit 0
+
+echo "== sanitizer run (AddressSanitizer + UndefinedBehaviorSanitizer)"
+cmake -S . -B build-asan -G Ninja -DCMAKE_BUILD_TYPE=Release -DDPTRAIN_SANITIZE=ON \
+  -DDPTRAIN_CUDA=OFF -DDPTRAIN_BENCHMARKS=OFF >/dev/null
+cmake --build build-asan --target test_interop test_data test_checkpoint
+export ASAN_OPTIONS=detect_leaks=1 UBSAN_OPTIONS=print_stacktrace=1:halt_on_error=1
+build-asan/tests/test_interop --gtest_brief=1
+build-asan/tests/test_data --gtest_brief=1
+build-asan/tests/test_checkpoint --gtest_brief=1 \
+  --gtest_filter='*RoundTrip*:*Corrupt*:*FailedSaves*:*Strictness*'

@@ -179,7 +179,9 @@ TEST(InteropViews, SharedStridedAndOffsetStorages) {
     EXPECT_EQ(std::string(dtype_name(t.dtype())), expect[i][1].get<std::string>());
     EXPECT_EQ(t.shape(), expect[i][2].get<Shape>());
     ASSERT_LE(at + t.nbytes(), bytes.size());
-    EXPECT_EQ(std::memcmp(t.raw(), bytes.data() + at, t.nbytes()), 0);
+    if (t.nbytes() > 0) {
+      EXPECT_EQ(std::memcmp(t.raw(), bytes.data() + at, t.nbytes()), 0);
+    }
     at += t.nbytes();
   }
 }
