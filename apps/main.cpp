@@ -1,8 +1,13 @@
 // dptrain: the command line. Parses flags into library configs and maps errors to exit codes:
-// 0 success, 2 bad usage (with the usage line), 1 runtime failure (one line naming the reason).
+// 0 success, 2 bad usage (with the usage line), 1 runtime failure (one line naming the reason),
+// 75 training stopped by SIGTERM/SIGINT after saving a checkpoint (EX_TEMPFAIL: run it again
+// with --resume auto), 128 + signal when a second signal ended it at once.
 #include <malloc.h>
+#include <unistd.h>
 #include <CLI/CLI.hpp>
 
+#include <atomic>
+#include <csignal>
 #include <cstdio>
 #include <iostream>
 #include <nlohmann/json.hpp>
@@ -15,6 +20,33 @@
 #include "parallel/mpi.h"
 
 namespace {
+
+constexpr int kExitInterrupted = 75;
+
+// The first SIGTERM or SIGINT asks the training loop to finish its step and save; a second one
+// ends the process at once, before any rename, so the newest complete checkpoint stays as it was.
+std::atomic<int> g_stop{0};
+
+extern "C" void on_stop_signal(int sig) {
+  if (g_stop.exchange(sig) != 0) {
+    constexpr char msg[] =
+        "dptrain: second signal: exiting now; the last checkpoint is untouched\n";
+    [[maybe_unused]] ssize_t n = write(STDERR_FILENO, msg, sizeof msg - 1);
+    _exit(128 + sig);
+  }
+  constexpr char msg[] =
+      "dptrain: signal received: finishing this step and saving (again to exit at once)\n";
+  [[maybe_unused]] ssize_t n = write(STDERR_FILENO, msg, sizeof msg - 1);
+}
+
+void install_stop_handlers() {
+  struct sigaction sa {};
+  sa.sa_handler = on_stop_signal;
+  sigemptyset(&sa.sa_mask);
+  sa.sa_flags = SA_RESTART;
+  sigaction(SIGTERM, &sa, nullptr);
+  sigaction(SIGINT, &sa, nullptr);
+}
 
 constexpr const char* kUsage =
     "usage: dptrain train [--model resnet18|34|50|101|152] [--data fashion-mnist|synthetic] "
@@ -283,8 +315,16 @@ int run(int argc, char** argv, const dpt::MpiRuntime* mpi) {
       cfg.threads = std::max(1, int(std::thread::hardware_concurrency()) / mpi->local_size());
   }
   const bool logger = !mpi || mpi->rank() == 0;
+  install_stop_handlers();
+  cfg.stop = &g_stop;
   dpt::TrainResult r = dpt::train(cfg);
-  if (!logger) return 0;
+  if (!logger) return r.interrupted ? kExitInterrupted : 0;
+  if (r.interrupted)
+    std::fprintf(stderr, "dptrain: stopped by %s after step %lld: %s\n",
+                 r.interrupted == SIGINT ? "SIGINT" : "SIGTERM", (long long)r.steps,
+                 r.interrupt_saved.empty()
+                     ? "no --save path, nothing saved"
+                     : ("saved " + r.interrupt_saved + "; continue with --resume auto").c_str());
   std::fprintf(stderr, "done: %lld steps in %.1f s, train loss %.4f, %.1f img/s",
                (long long)r.steps, r.seconds, r.train_loss, r.images_per_second);
   if (r.test_accuracy >= 0) std::fprintf(stderr, ", test accuracy %.2f%%", 100 * r.test_accuracy);
@@ -307,13 +347,14 @@ int run(int argc, char** argv, const dpt::MpiRuntime* mpi) {
       j["resumed_step"] = r.resumed_step;
     }
     if (r.checkpoints_saved > 0) j["checkpoints_saved"] = r.checkpoints_saved;
+    if (r.interrupted) j["interrupted"] = r.interrupted == SIGINT ? "SIGINT" : "SIGTERM";
     if (r.test_accuracy >= 0) {
       j["test_accuracy"] = r.test_accuracy;
       j["test_loss"] = r.test_loss;
     }
     std::cout << j.dump() << std::endl;
   }
-  return 0;
+  return r.interrupted ? kExitInterrupted : 0;
 }
 
 }  // namespace

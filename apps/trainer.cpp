@@ -5,6 +5,7 @@
 
 #include <chrono>
 #include <cmath>
+#include <csignal>
 #include <cstdio>
 #include <deque>
 #include <filesystem>
@@ -121,6 +122,16 @@ EvalResult evaluate(Module& model, const Dataset& test, const LoaderOptions& bas
 }
 
 namespace fs = std::filesystem;
+
+// Whether every value of a float32 tensor is finite (integer test of the exponent bits, which
+// vectorises; other dtypes and device tensors pass).
+bool all_finite(const Tensor& t) {
+  if (t.dtype() != DType::F32 || !t.device().is_cpu()) return true;
+  const uint32_t* u = static_cast<const uint32_t*>(t.raw());
+  uint32_t bad = 0;
+  for (int64_t i = 0; i < t.numel(); ++i) bad |= uint32_t((u[i] & 0x7f800000u) == 0x7f800000u);
+  return bad == 0;
+}
 
 }  // namespace
 
@@ -278,6 +289,15 @@ TrainResult train(TrainConfig cfg) {
   const CheckpointKind save_kind = parse_checkpoint_kind(cfg.save_kind);
   DPT_CHECK(cfg.resume != "auto" || !cfg.save_path.empty(), UsageError,
             "--resume auto looks for checkpoints beside --save PATH: pass --save too");
+  if (!cfg.save_path.empty()) {  // fail now, not after the first hours of training
+    std::error_code ec;
+    const fs::path save(cfg.save_path);
+    const fs::path dir = save.parent_path().empty() ? fs::path(".") : save.parent_path();
+    DPT_CHECK(!fs::is_directory(save, ec), FileError, "--save ", cfg.save_path,
+              " is a directory: name the checkpoint file");
+    DPT_CHECK(fs::is_directory(dir, ec), FileError, "--save ", cfg.save_path, ": directory ",
+              dir.string(), " does not exist");
+  }
   const Device dev = cfg.devices[0];  // where batches go and outputs are gathered
   for (const Device& d : cfg.devices) {
     std::string why;
@@ -400,13 +420,13 @@ TrainResult train(TrainConfig cfg) {
   if (!res.init_note.empty()) progress.line("init from " + res.init_note);
 
   // ---- saving (rank 0 only) ----
-  auto save_now = [&](int64_t next_epoch, int64_t position) {
+  auto save_now = [&](int64_t next_epoch, int64_t position, CheckpointKind kind) {
     if (cfg.save_path.empty() || !logger || last_saved == step) return;
-    Checkpoint c = make_checkpoint(*model, save_kind);
+    Checkpoint c = make_checkpoint(*model, kind);
     c.saved_from.clear();
     for (const Device& d : cfg.devices) c.saved_from.push_back(d.str());
     c.world_size = int64_t(cfg.devices.size()) * cfg.group.processes;
-    if (save_kind == CheckpointKind::Full) {
+    if (kind == CheckpointKind::Full) {
       c.optimizer = {{"name", "sgd"},
                      {"lr", cfg.lr},
                      {"momentum", cfg.momentum},
@@ -431,6 +451,13 @@ TrainResult train(TrainConfig cfg) {
                      {"init_seed", cfg.seed}}},
                    {"loss_scale", 1.0}};
     }
+    // A NaN or an infinity in the weights (a gradient can blow up while the loss is still finite)
+    // is never saved: training stops and the newest checkpoint stays the last good state.
+    for (const StateDict* sd : {&c.state, &c.momentum})
+      for (auto& [name, t] : sd->entries)
+        DPT_CHECK(all_finite(t), NumericError, name, " became non-finite by step ", step,
+                  ": training diverged and nothing was saved; lower --lr (now ", cfg.lr,
+                  ") or raise --warmup-steps, and resume from the last checkpoint");
     const fs::path path(cfg.save_path);
     std::error_code ec;
     if (cfg.keep > 1 && last_saved >= 0 && fs::exists(path, ec)) {
@@ -466,6 +493,22 @@ TrainResult train(TrainConfig cfg) {
     std::snprintf(buf, sizeof buf, "epoch %.2f step %lld: test loss %.4f, test accuracy %.2f%%",
                   epoch, (long long)step, ev.loss, 100 * ev.accuracy);
     progress.line(buf);
+  };
+
+  // Preemption: every rank must stop after the same step, so under MPI the ranks sum their
+  // flags after each step (one 4-byte all-reduce).
+  std::unique_ptr<Communicator> stop_comm;
+  if (cfg.stop && cfg.group.processes > 1) stop_comm = cfg.group.make(cfg.group.processes);
+  int stop_signal = 0;
+  auto stop_requested = [&] {
+    if (!cfg.stop) return false;
+    stop_signal = cfg.stop->load();
+    if (stop_comm) {
+      Tensor flag = Tensor::full({1}, float(stop_signal));
+      stop_comm->all_reduce_sum(cfg.group.rank, flag);
+      if (flag.at(0) > 0 && stop_signal == 0) stop_signal = SIGTERM;  // another rank's signal
+    }
+    return stop_signal != 0;
   };
 
   Batch batch;
@@ -509,11 +552,21 @@ TrainResult train(TrainConfig cfg) {
       position = epoch_end ? 0 : batch.index + 1;
       if (epoch_end && step < total) run_eval(ep);
       if (step < total && (epoch_end || (cfg.save_every > 0 && step % cfg.save_every == 0)))
-        save_now(next_epoch, position);
+        save_now(next_epoch, position, save_kind);
+      if (step < total && stop_requested()) {
+        res.interrupted = stop_signal;
+        if (save_kind != CheckpointKind::Full) last_saved = -1;  // a weights file cannot resume
+        save_now(next_epoch, position, CheckpointKind::Full);    // resumable whatever --save-kind
+        if (last_saved == step) res.interrupt_saved = cfg.save_path;
+        break;
+      }
     }
+    if (res.interrupted) break;
   }
-  save_now(next_epoch, position);
-  run_eval(double(step) / double(per_epoch));
+  if (!res.interrupted) {
+    save_now(next_epoch, position, save_kind);
+    run_eval(double(step) / double(per_epoch));
+  }
   res.steps = step;
   double s = 0;
   for (double v : recent) s += v;

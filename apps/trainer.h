@@ -2,6 +2,8 @@
 // progress output, metrics and test-set evaluation. It knows nothing of the command line.
 #pragma once
 
+#include <atomic>
+
 #include <cstdint>
 #include <string>
 #include <vector>
@@ -45,9 +47,13 @@ struct TrainConfig {
   std::string save_kind = "full";  // full (resumable) | weights
   int64_t save_every = 0;          // also every N steps (0: at epoch ends and at the end only)
   int64_t keep = 1;
-  std::string init_from;     // weights to fine-tune from: .h5, .pth or .safetensors
-  std::string resume;        // a checkpoint path, or "auto": the newest valid one beside save_path
-  int64_t log_every = 0;     // 0: about 20 lines per run when not on a terminal
+  std::string init_from;  // weights to fine-tune from: .h5, .pth or .safetensors
+  std::string resume;     // a checkpoint path, or "auto": the newest valid one beside save_path
+  int64_t log_every = 0;  // 0: about 20 lines per run when not on a terminal
+  // Preemption: when *stop turns non-zero (a signal number, set by the CLI's SIGTERM/SIGINT
+  // handler) training finishes the current step, saves a full checkpoint to save_path and returns
+  // with TrainResult::interrupted set. Under MPI the ranks agree on the step.
+  const std::atomic<int>* stop = nullptr;
   bool progress_bar = true;  // on a terminal only
 };
 
@@ -66,6 +72,8 @@ struct TrainResult {
   std::string resumed_from;  // the checkpoint training resumed from, if any
   int64_t resumed_step = 0;
   int64_t checkpoints_saved = 0;
+  int interrupted = 0;          // the signal that stopped training early, else 0
+  std::string interrupt_saved;  // the checkpoint written when it stopped ("" without --save)
   std::string svg_path;
 };
 

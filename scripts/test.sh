@@ -11,13 +11,15 @@ ctest --test-dir build --output-on-failure --timeout 600 "$@"
 (($#)) && exit 0
 
 echo "== sanitizer run (AddressSanitizer + UndefinedBehaviorSanitizer)"
-cmake -S . -B build-asan -G Ninja -DCMAKE_BUILD_TYPE=Release -DDPTRAIN_SANITIZE=ON \
+cmake -S . -B build-asan -G Ninja -DCMAKE_BUILD_TYPE=Release -DDPTRAIN_SANITIZE=address \
   -DDPTRAIN_CUDA=OFF -DDPTRAIN_BENCHMARKS=OFF >/dev/null
-cmake --build build-asan --target test_interop test_interop_oracle test_data test_checkpoint
+cmake --build build-asan --target test_interop test_interop_oracle test_fuzz_corpus test_data \
+  test_checkpoint
 export ASAN_OPTIONS=detect_leaks=1 UBSAN_OPTIONS=print_stacktrace=1:halt_on_error=1
 build-asan/tests/test_interop --gtest_brief=1
 build-asan/tests/test_interop_oracle --gtest_brief=1 \
   --gtest_filter='InteropHostile.*:InteropViews.*:InteropSafetensors.*'
+build-asan/tests/test_fuzz_corpus --gtest_brief=1
 build-asan/tests/test_data --gtest_brief=1
 build-asan/tests/test_checkpoint --gtest_brief=1 \
   --gtest_filter='*RoundTrip*:*Corrupt*:*FailedSaves*:*Strictness*'
