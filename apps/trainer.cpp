@@ -386,21 +386,26 @@ TrainResult train(TrainConfig cfg) {
                 ck.arch ? ck.arch->to_json().dump() : "no model", ", not ",
                 cfg.arch.to_json().dump(), ": resume with the same model options");
       const nlohmann::json& t = ck.trainer;
-      DPT_CHECK(t.value("batch_size", int64_t(-1)) == cfg.batch_size, ConfigError, from,
-                " was trained with --batch-size ", t.value("batch_size", int64_t(-1)),
-                "; resume with the same batch size");
+      const std::string where = from + " (trainer state)";
+      const int64_t batch_size = json_integer(t, "batch_size", where);
+      DPT_CHECK(batch_size == cfg.batch_size, ConfigError, from, " was trained with --batch-size ",
+                batch_size, "; resume with the same batch size");
+      const nlohmann::json seed = t.value("seed", nlohmann::json());
+      const std::string trained_on = t.value("data", nlohmann::json()).is_string()
+                                         ? t["data"].get<std::string>()
+                                         : std::string("?");
       DPT_CHECK(
-          t.value("seed", uint64_t(0)) == cfg.seed && t.value("data", std::string()) == cfg.data,
-          ConfigError, from, " was trained on ", t.value("data", std::string("?")), " with --seed ",
-          t.value("seed", uint64_t(0)), "; resume with the same data and seed");
+          seed.is_number_unsigned() && seed.get<uint64_t>() == cfg.seed && trained_on == cfg.data,
+          ConfigError, from, " was trained on ", trained_on, " with --seed ", seed.dump(),
+          "; resume with the same data and seed");
       NormalizedLoad nl = load_normalized(*model, ck.state, true);
       for (size_t r = 0; r < opts.size(); ++r) {
         const Device d = dp ? dp->devices()[r] : dev;
         for (auto& [name, m] : ck.momentum.entries) opts[r].buffers()[name] = m.to(d);
       }
-      step = t.at("step").get<int64_t>();
-      start_epoch = t.at("epoch").get<int64_t>();
-      skip = t.at("position").get<int64_t>();
+      step = json_integer(t, "step", where);
+      start_epoch = json_integer(t, "epoch", where);
+      skip = json_integer(t, "position", where);
       DPT_CHECK(step >= 0 && start_epoch >= 0 && skip >= 0 && skip <= per_epoch, ConfigError, from,
                 " records an impossible position (step ", step, ", epoch ", start_epoch, ", batch ",
                 skip, ")");

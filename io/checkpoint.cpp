@@ -253,7 +253,9 @@ void create_datasets(hid_t group, const StateDict& sd, const std::string& path,
   H5Pset_layout(dcpl, H5D_CONTIGUOUS);
   H5Pset_alloc_time(dcpl, H5D_ALLOC_TIME_EARLY);
   H5Pset_fill_time(dcpl, H5D_FILL_TIME_NEVER);
-  for (auto& [key, t] : sd.entries) {
+  for (auto& entry : sd.entries) {  // not a structured binding: DPT_H5's lambda captures them
+    const std::string& key = entry.first;
+    const Tensor& t = entry.second;
     DPT_CHECK(!key.empty() && key.find('/') == std::string::npos && key != ".", ConfigError,
               "cannot save state dict key '", key, "': keys must be non-empty and contain no '/'");
     std::vector<hsize_t> dims(t.shape().begin(), t.shape().end());

@@ -47,6 +47,15 @@ nlohmann::json ArchSpec::to_json() const {
           {"zero_init_residual", zero_init_residual}};
 }
 
+int64_t json_integer(const nlohmann::json& j, const char* key, const std::string& where) {
+  DPT_CHECK(j.is_object() && j.contains(key), ConfigError, where, " lacks '", key, "'");
+  const nlohmann::json& v = j.at(key);
+  DPT_CHECK(v.is_number_integer() &&
+                (!v.is_number_unsigned() || v.get<uint64_t>() <= uint64_t(INT64_MAX)),
+            ConfigError, where, ": '", key, "' is ", v.dump(), ", not an integer");
+  return v.get<int64_t>();
+}
+
 ArchSpec ArchSpec::from_json(const nlohmann::json& j) {
   DPT_CHECK(j.is_object(), ConfigError, "architecture description must be a JSON object");
   auto field = [&](const char* key) -> const nlohmann::json& {
@@ -60,8 +69,8 @@ ArchSpec ArchSpec::from_json(const nlohmann::json& j) {
   ArchSpec s;
   try {
     s.arch = field("arch").get<std::string>();
-    s.num_classes = field("num_classes").get<int64_t>();
-    s.in_channels = field("in_channels").get<int64_t>();
+    s.num_classes = json_integer(j, "num_classes", "architecture description");
+    s.in_channels = json_integer(j, "in_channels", "architecture description");
     s.stem = field("stem").get<std::string>();
     s.zero_init_residual = field("zero_init_residual").get<bool>();
   } catch (const nlohmann::json::exception& e) {

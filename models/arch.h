@@ -28,6 +28,10 @@ struct ArchSpec {
   void validate() const;
 };
 
+// j[key] as an integer: ConfigError naming `where` when it is missing, not an integer (a float
+// such as 1e31 included) or outside int64. For every integer read from a file's JSON.
+int64_t json_integer(const nlohmann::json& j, const char* key, const std::string& where);
+
 // Builds the model with torchvision's initialisation, drawing from Rng(seed).
 std::unique_ptr<Module> make_model(const ArchSpec& spec, uint64_t seed);
 

@@ -23,7 +23,7 @@ run_one() {
   local t=$1 dir=runs/fuzz/$1
   mkdir -p "$dir/corpus"
   ASAN_OPTIONS=detect_leaks=1 UBSAN_OPTIONS=print_stacktrace=1:halt_on_error=1 \
-    build-fuzz/fuzz_"$t" -max_total_time="$seconds" -timeout=10 -rss_limit_mb=4096 \
+    build-fuzz/tests/fuzz/fuzz_"$t" -max_total_time="$seconds" -timeout=10 -rss_limit_mb=4096 \
     -print_final_stats=1 -artifact_prefix="$dir/" "$dir/corpus" tests/fuzz/corpus/"$t" \
     >"$dir/log.txt" 2>&1 || true
   local execs crashes
