@@ -36,6 +36,10 @@ Fd create_file(const std::string& tmp, const std::string& path) {
   return f;
 }
 
+void preallocate(int fd, uint64_t bytes) {
+  if (bytes > 0) posix_fallocate(fd, 0, off_t(bytes));  // unsupported file systems: no harm
+}
+
 void sync_file(int fd, const std::string& path) {
   DPT_CHECK(fsync(fd) == 0, FileError, "cannot flush ", path, " to disk: ", errno_str());
 }

@@ -249,6 +249,7 @@ void write_safetensors(const Checkpoint& c, const std::string& path) {
   atomic_save(path, 8 + h.size() + offset, [&](const std::string& tmp) {
     Fd f = create_file(tmp, path);
     const std::string head = len + h;
+    preallocate(f.fd, head.size() + offset);
     write_at(f.fd, head.data(), head.size(), 0, path);
     std::vector<int64_t> at(items.size(), int64_t(head.size()));
     for (size_t i = 1; i < items.size(); ++i)

@@ -243,6 +243,7 @@ void ZipWriter::add(const std::string& name, const void* data, uint64_t bytes) {
 
 void ZipWriter::finish() {
   // Every entry's place is known: checksums and writes of several entries run at once.
+  preallocate(fd_, at_);
   parallel_for(entries_.size(), [&](size_t i) {
     ZipEntry& z = entries_[i];
     std::string& h = pending_[i].header;
