@@ -14,6 +14,7 @@
 #include "apps/metrics.h"
 #include "data/dataset.h"
 #include "io/checkpoint.h"
+#include "io/file.h"
 #include "kernels/loss.h"
 #include "models/optimizer.h"
 #include "parallel/data_parallel.h"
@@ -297,6 +298,8 @@ TrainResult train(TrainConfig cfg) {
               " is a directory: name the checkpoint file");
     DPT_CHECK(fs::is_directory(dir, ec), FileError, "--save ", cfg.save_path, ": directory ",
               dir.string(), " does not exist");
+    DPT_CHECK(access(dir.c_str(), W_OK) == 0, FileError, "--save ", cfg.save_path,
+              ": cannot write to directory ", dir.string(), ": ", errno_str());
   }
   const Device dev = cfg.devices[0];  // where batches go and outputs are gathered
   for (const Device& d : cfg.devices) {
@@ -475,7 +478,15 @@ TrainResult train(TrainConfig cfg) {
         h.erase(h.begin());
       }
     }
-    write_checkpoint(c, cfg.save_path);
+    try {
+      write_checkpoint(c, cfg.save_path);
+    } catch (const FileError& e) {
+      if (last_saved < 0) throw;
+      const fs::path kept = cfg.keep > 1 ? history_path(path, last_saved) : path;
+      throw FileError(std::string(e.what()) + "; the checkpoint of step " +
+                      std::to_string(last_saved) + " (" + kept.string() +
+                      ") is intact: make room, then --resume auto");
+    }
     last_saved = step;
     ++res.checkpoints_saved;
   };

@@ -22,4 +22,4 @@ build-asan/tests/test_interop_oracle --gtest_brief=1 \
 build-asan/tests/test_fuzz_corpus --gtest_brief=1
 build-asan/tests/test_data --gtest_brief=1
 build-asan/tests/test_checkpoint --gtest_brief=1 \
-  --gtest_filter='*RoundTrip*:*Corrupt*:*FailedSaves*:*Strictness*'
+  --gtest_filter='*RoundTrip*:*Corrupt*:*FailedSaves*:*DiskFull*:*Strictness*'

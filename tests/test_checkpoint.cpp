@@ -2,14 +2,19 @@
 // DataParallel on 2 or 3, full and weights), wrapper-prefix normalisation, strictness, corrupt
 // files (truncated, bit-flipped) and failed saves that must leave the previous file intact.
 #include <gtest/gtest.h>
+#include <sched.h>
 #include <signal.h>
+#include <sys/mount.h>
 #include <sys/resource.h>
+#include <sys/wait.h>
+#include <unistd.h>
 
 #include <cstring>
 #include <filesystem>
 #include <fstream>
 
 #include "io/checkpoint.h"
+#include "io/file.h"
 #include "models/layers.h"
 #include "tests/dp_fixture.h"
 
@@ -293,4 +298,47 @@ TEST(Checkpoint, FailedSavesKeepThePreviousCheckpoint) {
     EXPECT_NE(std::string(e.what()).find("cannot save /proc"), std::string::npos) << e.what();
   }
   EXPECT_THROW(save(*model, tmp("no/such/dir/x.h5"), CheckpointKind::Full), FileError);
+}
+
+// A disk that fills up in the middle of a write (a real 1 MiB tmpfs, in a child process with its
+// own mount namespace; the room check is told the file is empty so the writes themselves fail):
+// FileError naming the file and ENOSPC, the temporary removed, the previous file intact.
+TEST(Checkpoint, DiskFullMidWriteKeepsThePreviousFile) {
+  const std::string dir = tmp("enospc");
+  fs::create_directories(dir);
+  const pid_t pid = fork();
+  ASSERT_GE(pid, 0);
+  if (pid == 0) {
+    if (unshare(CLONE_NEWNS) != 0 || mount("none", "/", nullptr, MS_REC | MS_PRIVATE, nullptr) ||
+        mount("tmpfs", dir.c_str(), "tmpfs", 0, "size=1m") != 0)
+      _exit(77);
+    auto save_bytes = [&](size_t n) {
+      atomic_save(dir + "/a.bin", 0, [&](const std::string& t) {
+        Fd fd = create_file(t, dir + "/a.bin");
+        const std::vector<char> chunk(64 << 10, char(n & 0xff));
+        for (size_t off = 0; off < n; off += chunk.size())
+          write_at(fd.fd, chunk.data(), std::min(chunk.size(), n - off), int64_t(off), t);
+        sync_file(fd.fd, t);
+      });
+    };
+    save_bytes(300 << 10);
+    try {
+      save_bytes(4 << 20);
+      _exit(1);  // four MiB fit on a one MiB disk
+    } catch (const FileError& e) {
+      if (std::string(e.what()).find("No space left") == std::string::npos) _exit(2);
+    }
+    std::vector<std::string> names;
+    for (auto& e : fs::directory_iterator(dir)) names.push_back(e.path().filename());
+    if (names != std::vector<std::string>{"a.bin"}) _exit(3);
+    const std::vector<char> kept = read_all(dir + "/a.bin");
+    _exit(kept == std::vector<char>(300 << 10, char((300 << 10) & 0xff)) ? 0 : 4);
+  }
+  int status = 0;
+  waitpid(pid, &status, 0);
+  ASSERT_TRUE(WIFEXITED(status));
+  if (WEXITSTATUS(status) == 77)
+    GTEST_SKIP() << "cannot mount a tmpfs here (needs root or CAP_SYS_ADMIN)";
+  EXPECT_EQ(WEXITSTATUS(status), 0)
+      << "1: the oversized save succeeded, 2: wrong message, 3: temporary left, 4: file changed";
 }

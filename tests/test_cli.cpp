@@ -5,6 +5,7 @@
 #include <sys/wait.h>
 #include <unistd.h>
 
+#include <algorithm>
 #include <chrono>
 #include <filesystem>
 #include <thread>
@@ -600,4 +601,58 @@ TEST(Cli, DivergenceStopsAndKeepsTheLastGoodCheckpoint) {
     EXPECT_EQ(dptrain("ckpt verify " + dir + "/a.h5").code, 0);
     EXPECT_EQ(max_diff(dir + "/a.h5", dir + "/a.h5"), 0.0);  // NaN would not compare equal
   }
+}
+
+// A disk that fills up during training, on a real 128 MiB tmpfs in a private mount namespace
+// (unshare -m): the save that does not fit fails with one line that names the checkpoint left
+// intact, no temporary file stays behind, and resuming from that checkpoint on another disk ends
+// bit-identical to a run that never met a full disk. The same directory out of inodes refuses a
+// conversion, and read-only refuses training before it starts; the checkpoint is untouched.
+TEST(Cli, FullDiskAndReadOnlyDirectory) {
+  if (std::system("unshare -m true 2>/dev/null") != 0)
+    GTEST_SKIP() << "unshare -m is not permitted here (needs root or CAP_SYS_ADMIN): no tmpfs";
+  const std::string ref = fresh_dir("fulldisk-ref"), out = fresh_dir("fulldisk"),
+                    mnt = fresh_dir("fulldisk-mnt"), bin = std::string(DPT_BINARY_DIR) + "/dptrain";
+  ASSERT_EQ(dptrain(ckpt_run(ref, "cpu")).code, 0);
+  // A full checkpoint of this model is about 85 MiB: the one at step 3 fits, the next does not.
+  const std::string script =
+      "set -u; mount --make-rprivate / && mount -t tmpfs -o size=128m tmpfs " + mnt +
+      " || exit 99\n" + bin + " " + ckpt_run(mnt, "cpu") + "--save-every 3 >/dev/null 2>" + out +
+      "/train.err; echo $? >" + out + "/train.rc\n" + "cp " + mnt + "/a.h5 " + out +
+      "/saved.h5; ls -A " + mnt + " >" + out + "/ls.txt\n" +
+      // Out of inodes: room for bytes but not for one more file.
+      "mount -o remount,size=512m,nr_inodes=3 " + mnt + " && touch " + mnt + "/filler; " + bin +
+      " ckpt convert " + out + "/saved.h5 " + mnt + "/w.pth --kind weights 2>" + out +
+      "/inodes.err; echo $? >" + out + "/inodes.rc\n" + "rm -f " + mnt +
+      "/filler; mount -o remount,ro " + mnt + " && " + bin + " " + ckpt_run(mnt, "cpu") +
+      "--resume auto 2>" + out + "/ro.err; echo $? >" + out + "/ro.rc\n" + "cmp -s " + mnt +
+      "/a.h5 " + out + "/saved.h5; echo $? >" + out + "/cmp.rc\n";
+  std::ofstream(out + "/run.sh") << script;
+  ASSERT_EQ(std::system(("timeout -s KILL 600 unshare -m sh " + out + "/run.sh").c_str()), 0);
+  auto error_line = [&](const std::string& name) {  // the one error line, after any progress
+    const std::string s = slurp(out + "/" + name);
+    const size_t at = s.find("dptrain: error: ");
+    EXPECT_TRUE(at != std::string::npos &&
+                s.find("dptrain: error: ", at + 1) == std::string::npos &&
+                s.find('\n', at) == s.size() - 1)
+        << s;
+    return at == std::string::npos ? std::string() : s.substr(at);
+  };
+  EXPECT_EQ(slurp(out + "/train.rc"), "1\n");
+  const std::string full = error_line("train.err");
+  EXPECT_NE(full.find("MiB free"), std::string::npos) << full;
+  EXPECT_NE(full.find("checkpoint of step 3"), std::string::npos) << full;
+  EXPECT_EQ(slurp(out + "/ls.txt"), "a.h5\n") << "a temporary file was left behind";
+  EXPECT_EQ(slurp(out + "/inodes.rc"), "1\n");
+  EXPECT_NE(error_line("inodes.err").find("No space left"), std::string::npos);
+  EXPECT_EQ(slurp(out + "/ro.rc"), "1\n");
+  EXPECT_NE(error_line("ro.err").find("Read-only file system"), std::string::npos);
+  EXPECT_EQ(slurp(out + "/cmp.rc"), "0\n") << "the checkpoint changed";
+  ASSERT_EQ(dptrain("ckpt verify " + out + "/saved.h5").code, 0);
+  std::string resume = ckpt_run(out, "cpu") + "--resume " + out + "/saved.h5 --json";
+  resume.replace(resume.find(out + "/a.h5"), out.size() + 5, out + "/saved.h5");
+  CliRun r = dptrain(resume);
+  ASSERT_EQ(r.code, 0) << r.err;
+  EXPECT_EQ(nlohmann::json::parse(r.out).at("resumed_step"), 3);
+  EXPECT_EQ(max_diff(ref + "/a.h5", out + "/saved.h5"), 0.0);
 }
