@@ -49,7 +49,8 @@ void install_stop_handlers() {
 }
 
 constexpr const char* kUsage =
-    "usage: dptrain train [--model resnet18|34|50|101|152] [--data fashion-mnist|synthetic] "
+    "usage: dptrain train [--model resnet18|34|50|101|152] [--data fashion-mnist|cifar10|cifar100|"
+    "imagefolder|synthetic] [--data-dir DIR] "
     "[--devices cpu] [--batch-size N] [--epochs N] [--max-steps N] [--lr X] ... (dptrain --help)\n"
     "       dptrain model --model NAME [--num-classes N] [--in-channels N] [--stem imagenet|small]";
 
@@ -63,6 +64,38 @@ void add_model_flags(CLI::App& cmd, dpt::ArchSpec& arch) {
                  "input channels (default: the dataset's; synthetic: 3)");
   cmd.add_flag("--zero-init-residual", arch.zero_init_residual,
                "start each residual branch's last BatchNorm at zero");
+}
+
+void add_data_flags(CLI::App& cmd, dpt::DataSpec& d, bool train) {
+  cmd.add_option("--data", d.kind, "fashion-mnist, cifar10, cifar100, imagefolder or synthetic")
+      ->capture_default_str();
+  cmd.add_option("--data-dir", d.dir,
+                 train ? "the dataset's directory: IDX files, CIFAR .bin files, or an image "
+                         "folder DIR/<class>/<image> (default: Debian's Fashion-MNIST)"
+                       : "the dataset's directory; an image folder is evaluated whole");
+  if (train)
+    cmd.add_option("--val-dir", d.val_dir, "imagefolder: a folder evaluated after each epoch");
+  if (train)
+    cmd.add_option("--train-limit", d.train_limit, "use only the first N training samples");
+  cmd.add_option("--test-limit", d.test_limit, "use only the first N test samples");
+  cmd.add_option("--synthetic-size", d.synthetic_size, "samples in the synthetic dataset")
+      ->capture_default_str();
+  cmd.add_option("--image-size", d.image_size, "synthetic image side")->capture_default_str();
+  cmd.add_option("--crop-size", d.crop, "imagefolder: RandomResizedCrop / CenterCrop size")
+      ->capture_default_str();
+  cmd.add_option("--resize-size", d.resize, "imagefolder: evaluation Resize before CenterCrop")
+      ->capture_default_str();
+  cmd.add_option("--workers", d.workers, "threads decoding and augmenting images")
+      ->capture_default_str();
+  cmd.add_flag("--skip-bad-images", d.skip_bad,
+               "imagefolder: leave out files that cannot be decoded (counted) instead of failing");
+}
+
+// One line about the image files left out by --skip-bad-images.
+void report_bad_images(const std::vector<std::string>& bad) {
+  if (bad.empty()) return;
+  std::fprintf(stderr, "dptrain: skipped %zu unreadable image file(s), first: %s\n", bad.size(),
+               bad[0].c_str());
 }
 
 int run(int argc, char** argv, const dpt::MpiRuntime* mpi) {
@@ -80,14 +113,7 @@ int run(int argc, char** argv, const dpt::MpiRuntime* mpi) {
   bool json = false;
   auto* train = app.add_subcommand("train", "train a model and report test accuracy");
   add_model_flags(*train, cfg.arch);
-  train->add_option("--data", cfg.data, "fashion-mnist or synthetic")->capture_default_str();
-  train->add_option("--data-dir", cfg.data_dir, "directory with the Fashion-MNIST IDX files")
-      ->capture_default_str();
-  train->add_option("--train-limit", cfg.train_limit, "use only the first N training samples");
-  train->add_option("--test-limit", cfg.test_limit, "use only the first N test samples");
-  train->add_option("--synthetic-size", cfg.synthetic_size, "samples in the synthetic dataset")
-      ->capture_default_str();
-  train->add_option("--image-size", cfg.image_size, "synthetic image side")->capture_default_str();
+  add_data_flags(*train, cfg.data, true);
   train->add_option("--devices", devices, "device list: cpu, cpu:1, cuda:0, ...")
       ->capture_default_str();
   train
@@ -153,13 +179,7 @@ int run(int argc, char** argv, const dpt::MpiRuntime* mpi) {
   eval->add_option("--devices,--map-location", eval_devices,
                    "where to run: any device list, whatever the checkpoint was saved from")
       ->capture_default_str();
-  eval->add_option("--data", ev.data, "fashion-mnist or synthetic")->capture_default_str();
-  eval->add_option("--data-dir", ev.data_dir, "directory with the Fashion-MNIST IDX files")
-      ->capture_default_str();
-  eval->add_option("--test-limit", ev.test_limit, "use only the first N test samples");
-  eval->add_option("--synthetic-size", ev.synthetic_size, "samples in the synthetic dataset")
-      ->capture_default_str();
-  eval->add_option("--image-size", ev.image_size, "synthetic image side")->capture_default_str();
+  add_data_flags(*eval, ev.data, false);
   eval->add_option("--seed", ev.seed, "synthetic dataset seed")->capture_default_str();
   eval->add_option("--batch-size", ev.batch_size, "samples per forward")->capture_default_str();
   eval->add_option("--threads", ev.threads, "CPU threads (0: all cores)");
@@ -237,13 +257,18 @@ int run(int argc, char** argv, const dpt::MpiRuntime* mpi) {
     ev.arch_given = eval->count("--model") > 0;
     ev.strict = !no_strict;
     dpt::EvalReport r = dpt::evaluate_checkpoint(ev);
+    report_bad_images(r.bad_images);
     std::fprintf(stderr, "%s (%s, layout %s; %s): accuracy %.2f%%, loss %.4f on %lld samples\n",
                  ev.checkpoint.c_str(), r.kind.c_str(), r.layout.c_str(), r.load.c_str(),
                  100 * r.accuracy, r.loss, (long long)r.samples);
     if (json)
-      std::cout << nlohmann::json{{"accuracy", r.accuracy}, {"loss", r.loss},
-                                  {"samples", r.samples},   {"kind", r.kind},
-                                  {"layout", r.layout},     {"load", r.load}}
+      std::cout << nlohmann::json{{"accuracy", r.accuracy},
+                                  {"loss", r.loss},
+                                  {"samples", r.samples},
+                                  {"kind", r.kind},
+                                  {"layout", r.layout},
+                                  {"load", r.load},
+                                  {"skipped_images", r.bad_images.size()}}
                        .dump()
                 << std::endl;
     return 0;
@@ -319,6 +344,7 @@ int run(int argc, char** argv, const dpt::MpiRuntime* mpi) {
   cfg.stop = &g_stop;
   dpt::TrainResult r = dpt::train(cfg);
   if (!logger) return r.interrupted ? kExitInterrupted : 0;
+  report_bad_images(r.bad_images);
   if (r.interrupted)
     std::fprintf(stderr, "dptrain: stopped by %s after step %lld: %s\n",
                  r.interrupted == SIGINT ? "SIGINT" : "SIGTERM", (long long)r.steps,
@@ -347,6 +373,7 @@ int run(int argc, char** argv, const dpt::MpiRuntime* mpi) {
       j["resumed_step"] = r.resumed_step;
     }
     if (r.checkpoints_saved > 0) j["checkpoints_saved"] = r.checkpoints_saved;
+    if (!r.bad_images.empty()) j["skipped_images"] = r.bad_images.size();
     if (r.interrupted) j["interrupted"] = r.interrupted == SIGINT ? "SIGINT" : "SIGTERM";
     if (r.test_accuracy >= 0) {
       j["test_accuracy"] = r.test_accuracy;

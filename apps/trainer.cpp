@@ -228,26 +228,67 @@ std::unique_ptr<Module> wrap_data_parallel(std::unique_ptr<Module> model, const 
 struct Data {
   std::unique_ptr<Dataset> train, test;  // synthetic: no test set
   std::vector<float> mean, std;
+  std::shared_ptr<BadImages> bad;  // image folders: files left out
 };
 
-Data load_data(const std::string& kind, const std::string& dir, int64_t train_limit,
-               int64_t test_limit, int64_t synthetic_size, int64_t image_size, const ArchSpec& arch,
-               uint64_t seed, bool need_train) {
+// need_train: the training set and the evaluated one (image folders: --val-dir, if given);
+// otherwise only the evaluated one (image folders: --data-dir itself).
+Data load_data(const DataSpec& s, const ArchSpec& arch, uint64_t seed, bool need_train) {
+  DPT_CHECK(s.workers >= 1 && s.workers <= 256, UsageError, "--workers must be in 1..256, got ",
+            s.workers);
   Data d;
-  if (kind == "fashion-mnist") {
-    if (need_train) d.train = load_fashion_mnist(dir, true, train_limit);
-    d.test = load_fashion_mnist(dir, false, test_limit);
+  if (s.kind == "fashion-mnist") {
+    const std::string dir = s.dir.empty() ? "/usr/share/datasets/fashion-mnist" : s.dir;
+    if (need_train) d.train = load_fashion_mnist(dir, true, s.train_limit);
+    d.test = load_fashion_mnist(dir, false, s.test_limit);
     d.mean = {0.2860f};
     d.std = {0.3530f};
-  } else if (kind == "synthetic") {
+  } else if (s.kind == "cifar10" || s.kind == "cifar100") {
+    DPT_CHECK(!s.dir.empty(), UsageError, "--data ", s.kind,
+              " needs --data-dir DIR: the directory of the binary version's .bin files");
+    const int classes = s.kind == "cifar10" ? 10 : 100;
+    if (need_train) d.train = load_cifar(s.dir, classes, true, s.train_limit);
+    d.test = load_cifar(s.dir, classes, false, s.test_limit);
+    if (classes == 10) {
+      d.mean = {0.4914f, 0.4822f, 0.4465f};
+      d.std = {0.2470f, 0.2435f, 0.2616f};
+    } else {
+      d.mean = {0.5071f, 0.4865f, 0.4409f};
+      d.std = {0.2673f, 0.2564f, 0.2762f};
+    }
+  } else if (s.kind == "imagefolder") {
+    DPT_CHECK(!s.dir.empty(), UsageError,
+              "--data imagefolder needs --data-dir DIR, laid out as DIR/<class>/<image>");
+    DPT_CHECK(s.train_limit < 0 && s.test_limit < 0, UsageError,
+              "--train-limit and --test-limit apply to fashion-mnist and cifar, not imagefolder");
+    ImageFolderOptions o;
+    o.crop = s.crop;
+    o.resize = s.resize;
+    o.skip_bad = s.skip_bad;
+    o.threads = s.workers;
+    d.bad = std::make_shared<BadImages>();
+    if (need_train) d.train = load_image_folder(s.dir, o, d.bad);
+    o.train = false;
+    if (!need_train || !s.val_dir.empty())
+      d.test = load_image_folder(need_train ? s.val_dir : s.dir, o, d.bad);
+    DPT_CHECK(!d.train || !d.test || d.train->num_classes() == d.test->num_classes(), FileError,
+              "--val-dir ", s.val_dir, " has ", d.test ? d.test->num_classes() : 0,
+              " class folders but --data-dir ", s.dir, " has ",
+              d.train ? d.train->num_classes() : 0, ": they must hold the same classes");
+    d.mean = {0.485f, 0.456f, 0.406f};  // ImageNet's, as torchvision's examples
+    d.std = {0.229f, 0.224f, 0.225f};
+  } else if (s.kind == "synthetic") {
     const int64_t classes = arch.num_classes != -1 ? arch.num_classes : 10;
     const int64_t channels = arch.in_channels != -1 ? arch.in_channels : 3;
-    d.train = make_synthetic(synthetic_size, channels, image_size, classes, seed);
+    d.train = make_synthetic(s.synthetic_size, channels, s.image_size, classes, seed);
     d.mean.assign(size_t(channels), 0.5f);
     d.std.assign(size_t(channels), 0.25f);
   } else {
-    DPT_THROW(UsageError, "unknown --data '", kind, "': expected fashion-mnist or synthetic");
+    DPT_THROW(UsageError, "unknown --data '", s.kind,
+              "': expected fashion-mnist, cifar10, cifar100, imagefolder or synthetic");
   }
+  DPT_CHECK(s.val_dir.empty() || s.kind == "imagefolder", UsageError,
+            "--val-dir is for --data imagefolder");
   return d;
 }
 
@@ -310,8 +351,7 @@ TrainResult train(TrainConfig cfg) {
   if (cfg.threads > 0) omp_set_num_threads(cfg.threads);
   const LrSchedule::Kind schedule_kind = LrSchedule::parse(cfg.lr_schedule);
 
-  Data data = load_data(cfg.data, cfg.data_dir, cfg.train_limit, cfg.test_limit, cfg.synthetic_size,
-                        cfg.image_size, cfg.arch, cfg.seed, true);
+  Data data = load_data(cfg.data, cfg.arch, cfg.seed, true);
   std::unique_ptr<Dataset>&train_set = data.train, &test_set = data.test;
   const std::vector<float>&mean = data.mean, &stdev = data.std;
   resolve_arch(cfg.arch, *train_set);
@@ -321,8 +361,8 @@ TrainResult train(TrainConfig cfg) {
   lo.seed = cfg.seed;
   lo.mean = mean;
   lo.std = stdev;
+  lo.workers = cfg.data.workers;
   if (cfg.augment) lo.augment = Augment{train_set->height() <= 28 ? 2 : 4, true};
-  Loader loader(*train_set, lo);
 
   std::unique_ptr<Module> model = make_model(cfg.arch, cfg.seed);
   TrainResult res;
@@ -339,6 +379,9 @@ TrainResult train(TrainConfig cfg) {
   model->train();
   res.parameters = model->num_parameters();
   int64_t step = 0;
+  // Under MPI each process decodes only the rows of each batch that its replicas take.
+  if (dp && cfg.group.processes > 1) lo.rows = [dp](int64_t n) { return dp->local_rows(n); };
+  Loader loader(*train_set, lo);
 
   const int64_t per_epoch = loader.batches_per_epoch();
   const int64_t total =
@@ -397,10 +440,10 @@ TrainResult train(TrainConfig cfg) {
       const std::string trained_on = t.value("data", nlohmann::json()).is_string()
                                          ? t["data"].get<std::string>()
                                          : std::string("?");
-      DPT_CHECK(
-          seed.is_number_unsigned() && seed.get<uint64_t>() == cfg.seed && trained_on == cfg.data,
-          ConfigError, from, " was trained on ", trained_on, " with --seed ", seed.dump(),
-          "; resume with the same data and seed");
+      DPT_CHECK(seed.is_number_unsigned() && seed.get<uint64_t>() == cfg.seed &&
+                    trained_on == cfg.data.kind,
+                ConfigError, from, " was trained on ", trained_on, " with --seed ", seed.dump(),
+                "; resume with the same data and seed");
       NormalizedLoad nl = load_normalized(*model, ck.state, true);
       for (size_t r = 0; r < opts.size(); ++r) {
         const Device d = dp ? dp->devices()[r] : dev;
@@ -446,7 +489,7 @@ TrainResult train(TrainConfig cfg) {
                    {"position", position},
                    {"batch_size", cfg.batch_size},
                    {"seed", cfg.seed},
-                   {"data", cfg.data},
+                   {"data", cfg.data.kind},
                    {"total_steps", total},
                    {"lr_schedule",
                     {{"kind", cfg.lr_schedule},
@@ -596,6 +639,7 @@ TrainResult train(TrainConfig cfg) {
     res.gradient_buckets = int64_t(dp->buckets().size());
   }
   res.svg_path = metrics.write_svg();
+  if (data.bad) res.bad_images = data.bad->list();
   return res;
 }
 
@@ -616,8 +660,7 @@ EvalReport evaluate_checkpoint(const EvalConfig& cfg) {
               " holds weights only: pass --model (and --num-classes, --in-channels, --stem as "
               "trained) to say which model they belong to");
   }
-  Data data = load_data(cfg.data, cfg.data_dir, -1, cfg.test_limit, cfg.synthetic_size,
-                        cfg.image_size, arch, cfg.seed, false);
+  Data data = load_data(cfg.data, arch, cfg.seed, false);
   const Dataset& test = data.test ? *data.test : *data.train;
   resolve_arch(arch, test);
   std::unique_ptr<Module> model = make_model(arch, 0);
@@ -633,10 +676,12 @@ EvalReport evaluate_checkpoint(const EvalConfig& cfg) {
   lo.mean = data.mean;
   lo.std = data.std;
   lo.batch_size = cfg.batch_size;
+  lo.workers = cfg.data.workers;
   EvalResult ev = evaluate(*model, test, lo, cfg.devices[0], cfg.batch_size);
   rep.accuracy = ev.accuracy;
   rep.loss = ev.loss;
   rep.samples = test.size();
+  if (data.bad) rep.bad_images = data.bad->list();
   return rep;
 }
 

@@ -14,14 +14,25 @@
 
 namespace dpt {
 
-struct TrainConfig {
-  ArchSpec arch;                       // num_classes / in_channels == -1: taken from the dataset
-  std::string data = "fashion-mnist";  // fashion-mnist | synthetic
-  std::string data_dir = "/usr/share/datasets/fashion-mnist";
+// The data of a run: where it comes from and how it is decoded.
+struct DataSpec {
+  std::string kind =
+      "fashion-mnist";  // fashion-mnist | cifar10 | cifar100 | imagefolder | synthetic
+  std::string dir;      // the dataset's directory (default: Debian's Fashion-MNIST)
+  std::string val_dir;  // imagefolder: the folder evaluated after each epoch (training: optional)
   int64_t train_limit = -1;  // use only the first N training samples (-1: all)
   int64_t test_limit = -1;
   int64_t synthetic_size = 2048;
-  int64_t image_size = 32;                     // synthetic only
+  int64_t image_size = 32;  // synthetic only
+  int64_t crop = 224;       // imagefolder: RandomResizedCrop / CenterCrop size
+  int64_t resize = 256;     // imagefolder: evaluation Resize before the center crop
+  int workers = 2;          // threads decoding and augmenting
+  bool skip_bad = false;    // imagefolder: leave out unreadable images (counted) instead of failing
+};
+
+struct TrainConfig {
+  ArchSpec arch;  // num_classes / in_channels == -1: taken from the dataset
+  DataSpec data;
   std::vector<Device> devices{Device::cpu()};  // more than one: DataParallel over them
   std::string bn = "sync";  // DataParallel BatchNorm: sync (SyncBatchNorm) or local (per replica)
   double bucket_mb = 25;    // DataParallel gradient bucket size (0: one bucket after backward)
@@ -37,7 +48,8 @@ struct TrainConfig {
   float momentum = 0.9f;
   float weight_decay = 5e-4f;
   bool nesterov = false;
-  bool augment = false;  // random crop (pad 2 on 28x28, 4 otherwise) + horizontal flip
+  bool augment = false;  // random crop (pad 2 on 28x28, 4 otherwise) + horizontal flip; image
+                         // folders always use RandomResizedCrop + flip when training
   uint64_t seed = 0;
   int threads = 0;           // 0: all cores
   std::string metrics_path;  // .jsonl or .csv; an .svg learning curve is written beside it
@@ -75,6 +87,7 @@ struct TrainResult {
   int interrupted = 0;          // the signal that stopped training early, else 0
   std::string interrupt_saved;  // the checkpoint written when it stopped ("" without --save)
   std::string svg_path;
+  std::vector<std::string> bad_images;  // --skip-bad-images: "path: why" of each file left out
 };
 
 // --init-from: loads the weights of any checkpoint (.h5, .pth, .safetensors, any layout) into a
@@ -98,11 +111,7 @@ struct EvalConfig {
   bool strict = true;
   std::vector<Device> devices{Device::cpu()};
   std::string bn = "local";  // eval mode ignores it; DataParallel needs one
-  std::string data = "fashion-mnist";
-  std::string data_dir = "/usr/share/datasets/fashion-mnist";
-  int64_t test_limit = -1;
-  int64_t synthetic_size = 2048;  // synthetic data (no split): evaluated on the set itself
-  int64_t image_size = 32;
+  DataSpec data;             // synthetic data (no split) is evaluated on the set itself
   uint64_t seed = 0;
   int64_t batch_size = 500;
   int threads = 0;
@@ -111,6 +120,7 @@ struct EvalReport {
   double accuracy = 0, loss = 0;
   int64_t samples = 0;
   std::string kind, layout, load;  // checkpoint kind and layout, what loading renamed
+  std::vector<std::string> bad_images;
 };
 EvalReport evaluate_checkpoint(const EvalConfig& cfg);
 

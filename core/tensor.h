@@ -79,6 +79,8 @@ class Tensor {
   DType dtype() const { return dtype_; }
   const Device& device() const;
   bool same_storage(const Tensor& o) const { return storage_ == o.storage_; }
+  // No other handle shares this tensor's storage (a buffer that can be reused).
+  bool sole_owner() const { return storage_ && storage_.use_count() == 1; }
 
   void* raw() const { return storage_ ? static_cast<char*>(storage_->data()) + offset_ : nullptr; }
   template <typename T>

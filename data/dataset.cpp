@@ -1,5 +1,6 @@
-// The concrete datasets: Fashion-MNIST read from IDX files (kept as uint8, converted to float in
-// get()) and a deterministic synthetic dataset whose sample i depends only on (seed, i).
+// The in-memory datasets: Fashion-MNIST (IDX files) and CIFAR (binary batches), kept as bytes and
+// converted to floats in get(), and a deterministic synthetic dataset whose sample i depends only
+// on (seed, i). Image folders are in image_folder.cpp.
 #include "data/dataset.h"
 
 #include <algorithm>
@@ -8,42 +9,49 @@
 #include "core/error.h"
 #include "core/rng.h"
 #include "data/idx.h"
+#include "data/image.h"
+#include "data/transforms.h"
 
 namespace dpt {
 namespace {
 
 namespace fs = std::filesystem;
 
-class FashionMnist final : public Dataset {
+// Images kept as bytes (CHW per sample), converted to floats in get(): Fashion-MNIST, CIFAR.
+class ByteImages final : public Dataset {
  public:
-  FashionMnist(std::string name, int64_t n, int64_t rows, int64_t cols, std::vector<uint8_t> images,
-               std::vector<uint8_t> labels)
+  ByteImages(std::string name, int64_t n, int64_t c, int64_t h, int64_t w, int64_t classes,
+             std::vector<uint8_t> images, std::vector<uint8_t> labels)
       : name_(std::move(name)),
         n_(n),
-        rows_(rows),
-        cols_(cols),
+        c_(c),
+        h_(h),
+        w_(w),
+        classes_(classes),
         images_(std::move(images)),
         labels_(std::move(labels)) {}
 
   std::string name() const override { return name_; }
   int64_t size() const override { return n_; }
-  int64_t channels() const override { return 1; }
-  int64_t height() const override { return rows_; }
-  int64_t width() const override { return cols_; }
-  int64_t num_classes() const override { return 10; }
+  int64_t channels() const override { return c_; }
+  int64_t height() const override { return h_; }
+  int64_t width() const override { return w_; }
+  int64_t num_classes() const override { return classes_; }
 
   int64_t get(int64_t i, float* image) const override {
     DPT_ASSERT(i >= 0 && i < n_, "sample ", i, " out of range for ", name_, " (", n_, ")");
-    const int64_t px = rows_ * cols_;
+    const int64_t px = c_ * h_ * w_;
     const uint8_t* src = images_.data() + i * px;
-    for (int64_t k = 0; k < px; ++k) image[k] = float(src[k]) * (1.0f / 255.0f);
+    const float* scale = unit_scale();  // torchvision's ToTensor values
+    for (int64_t k = 0; k < px; ++k) image[k] = scale[src[k]];
     return labels_[size_t(i)];
   }
+  int64_t label(int64_t i) const override { return labels_[size_t(i)]; }
 
  private:
   std::string name_;
-  int64_t n_, rows_, cols_;
-  std::vector<uint8_t> images_;  // [n, rows, cols]
+  int64_t n_, c_, h_, w_, classes_;
+  std::vector<uint8_t> images_;  // [n, c, h, w]
   std::vector<uint8_t> labels_;  // [n]
 };
 
@@ -89,6 +97,7 @@ class Synthetic final : public Dataset {
     }
     return label;
   }
+  int64_t label(int64_t i) const override { return i % classes_; }
 
  private:
   // Pattern streams sit far above any sample index, so they never share a stream with a sample.
@@ -133,9 +142,57 @@ std::unique_ptr<Dataset> load_fashion_mnist(const std::string& dir, bool train, 
     labels.data.resize(size_t(keep));
     labels.data.shrink_to_fit();
   }
-  return std::make_unique<FashionMnist>(std::string("fashion-mnist-") + (train ? "train" : "test"),
-                                        keep, rows, cols, std::move(images.data),
-                                        std::move(labels.data));
+  return std::make_unique<ByteImages>(std::string("fashion-mnist-") + (train ? "train" : "test"),
+                                      keep, 1, rows, cols, 10, std::move(images.data),
+                                      std::move(labels.data));
+}
+
+std::unique_ptr<Dataset> load_cifar(const std::string& dir, int classes, bool train,
+                                    int64_t limit) {
+  DPT_CHECK(classes == 10 || classes == 100, UsageError, "CIFAR has 10 or 100 classes, not ",
+            classes);
+  DPT_CHECK(limit != 0, UsageError,
+            "sample limit must be positive (or negative for the whole dataset), got 0");
+  const std::string sub = classes == 10 ? "cifar-10-batches-bin" : "cifar-100-binary";
+  std::vector<std::string> names;
+  if (classes == 10 && train)
+    for (int k = 1; k <= 5; ++k) names.push_back("data_batch_" + std::to_string(k) + ".bin");
+  else
+    names.push_back(classes == 10 ? "test_batch.bin" : train ? "train.bin" : "test.bin");
+  std::error_code ec;
+  fs::path base(dir);
+  DPT_CHECK(fs::is_directory(base, ec), FileError, "data directory ", dir,
+            " does not exist or is not a directory");
+  if (!fs::exists(base / names[0], ec) && fs::exists(base / sub / names[0], ec)) base /= sub;
+  const int64_t label_bytes = classes == 10 ? 1 : 2, px = 3 * 32 * 32, record = label_bytes + px;
+  std::vector<uint8_t> images, labels;
+  for (const std::string& name : names) {
+    const std::string path = (base / name).string();
+    DPT_CHECK(fs::is_regular_file(path, ec), FileError, "missing CIFAR-", classes, " file ", path,
+              " (the binary version, from https://www.cs.toronto.edu/~kriz/cifar.html)");
+    const std::vector<uint8_t> bytes = read_file_bytes(path);
+    const auto size = int64_t(bytes.size());
+    DPT_CHECK(size > 0 && size % record == 0 && size / record <= 1'000'000, FileError, path, ": ",
+              size, " bytes is not a whole number of ", record, "-byte CIFAR-", classes,
+              " records");
+    for (int64_t r = 0; r < size / record; ++r) {
+      const uint8_t* rec = bytes.data() + r * record;
+      const uint8_t y = rec[label_bytes - 1];
+      DPT_CHECK(y < classes, FileError, path, ": label ", int(y), " of record ", r,
+                " is out of range (CIFAR-", classes, " has classes 0..", classes - 1, ")");
+      labels.push_back(y);
+      images.insert(images.end(), rec + label_bytes, rec + record);
+    }
+  }
+  auto n = int64_t(labels.size());
+  if (limit > 0 && limit < n) {
+    n = limit;
+    labels.resize(size_t(n));
+    images.resize(size_t(n * px));
+  }
+  return std::make_unique<ByteImages>(
+      "cifar" + std::to_string(classes) + (train ? "-train" : "-test"), n, 3, 32, 32, classes,
+      std::move(images), std::move(labels));
 }
 
 std::unique_ptr<Dataset> make_synthetic(int64_t size, int64_t channels, int64_t image_size,

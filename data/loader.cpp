@@ -1,16 +1,18 @@
 // The batch loader: a seeded per-epoch shuffle, per-sample augmentation (random crop after zero
 // padding, horizontal flip) drawn from a counter-based RNG keyed by (seed, epoch, sample index),
-// per-channel normalisation, and a background producer thread that keeps up to `prefetch` batches
-// ready in a bounded queue. Batch contents depend only on (dataset, options, epoch, batch index),
-// never on thread timing.
+// per-channel normalisation, and a pool of worker threads that fills up to `prefetch` batches
+// ahead, sample by sample (several workers share a batch). Batch contents depend only on
+// (dataset, options, epoch, batch index), never on thread timing or the number of workers.
 #include <algorithm>
 #include <atomic>
 #include <cmath>
 #include <condition_variable>
 #include <deque>
 #include <exception>
+#include <map>
 #include <mutex>
 #include <thread>
+#include <tuple>
 
 #include "core/error.h"
 #include "core/rng.h"
@@ -34,59 +36,77 @@ struct Loader::Impl {
   int64_t n = 0, c = 0, h = 0, w = 0, num_classes = 0;
   bool started = false;
 
-  // Producer state, guarded by mu (stop is also read without the lock to cut a batch short).
-  std::thread producer;
+  // A batch being built: samples are claimed in runs by the workers, and it is ready when the
+  // last claimed run is filled. An error is kept with the batch it happened in, so the batches
+  // before it are still delivered in order.
+  struct Slot {
+    Batch batch;
+    int64_t rows = 0, first = 0, last = 0;  // batch size; the rows this process fills
+    int64_t claimed = 0, filled = 0;        // among [first, last)
+    std::exception_ptr error;
+  };
+
+  // Epoch state, guarded by mu; `stop` is also read without the lock to cut work short.
   std::mutex mu;
-  std::condition_variable not_full, not_empty;
-  std::deque<Batch> queue;
-  bool done = true;  // the producer has queued its last batch, failed, or was never started
-  std::exception_ptr error;
+  std::condition_variable work, ready;
+  std::vector<std::thread> workers;
+  std::map<int64_t, Slot> slots;  // open batches by index
+  // Image tensors handed out recently (second handles): once the consumer has dropped its handle
+  // the buffer is reused for a new batch, sparing the page faults of fresh memory.
+  std::deque<Tensor> handed_out;
+  std::vector<int64_t> order;
+  int64_t epoch = 0, next_open = 0, next_out = 0, end_batch = 0;
+  bool failed = false;  // an error was delivered: the epoch is over
   std::atomic<bool> stop{false};
 
   int64_t batches_per_epoch() const {
     return opt.drop_last ? n / opt.batch_size : (n + opt.batch_size - 1) / opt.batch_size;
   }
 
-  std::vector<int64_t> epoch_order(int64_t epoch) const {
-    std::vector<int64_t> order(static_cast<size_t>(n));
-    for (int64_t i = 0; i < n; ++i) order[size_t(i)] = i;
+  std::vector<int64_t> epoch_order(int64_t e) const {
+    std::vector<int64_t> out(static_cast<size_t>(n));
+    for (int64_t i = 0; i < n; ++i) out[size_t(i)] = i;
     if (opt.shuffle) {
-      Rng rng(opt.seed, kShuffleStream + uint64_t(epoch));
+      Rng rng(opt.seed, kShuffleStream + uint64_t(e));
       for (int64_t i = n - 1; i > 0; --i) {
         const auto j = int64_t(rng.below(uint64_t(i) + 1));
-        std::swap(order[size_t(i)], order[size_t(j)]);
+        std::swap(out[size_t(i)], out[size_t(j)]);
       }
     }
-    return order;
+    return out;
   }
 
-  // Stops and joins the producer and drops whatever it had prepared. Safe to call repeatedly.
-  void stop_producer() noexcept {
+  // Stops and joins the workers and drops whatever they had prepared. Safe to call repeatedly.
+  void stop_workers() noexcept {
     {
       std::lock_guard<std::mutex> lk(mu);
       stop = true;
     }
-    not_full.notify_all();
-    if (producer.joinable()) producer.join();
+    work.notify_all();
+    for (auto& t : workers)
+      if (t.joinable()) t.join();
+    workers.clear();
     std::lock_guard<std::mutex> lk(mu);
     stop = false;
-    queue.clear();
-    error = nullptr;
-    done = true;
+    slots.clear();
+    next_open = next_out = end_batch = 0;
+    failed = false;
   }
 
   // Writes dataset sample `index`, augmented for `epoch` and normalised, to dst (c*h*w floats).
-  void fill_sample(int64_t epoch, int64_t index, float* dst, int64_t* label) const {
+  void fill_sample(int64_t index, float* dst, int64_t* label) const {
     const int64_t chw = c * h * w;
     const int pad = opt.augment.crop_pad;
     const bool augment = pad > 0 || opt.augment.hflip;
-    if (!augment) {
+    Rng rng(opt.seed ^ kAugmentKey, (uint64_t(epoch) << 32) | uint64_t(index));
+    if (data.augments()) {
+      *label = data.get_augmented(index, rng, dst);
+    } else if (!augment) {
       *label = data.get(index, dst);
     } else {
       thread_local std::vector<float> scratch;
       scratch.resize(size_t(chw));
       *label = data.get(index, scratch.data());
-      Rng rng(opt.seed ^ kAugmentKey, (uint64_t(epoch) << 32) | uint64_t(index));
       int64_t dy = 0, dx = 0;  // crop offset in [0, 2*pad], relative to the unpadded image
       if (pad > 0) {
         dy = int64_t(rng.below(2 * uint64_t(pad) + 1)) - pad;
@@ -118,45 +138,85 @@ struct Loader::Impl {
     }
   }
 
-  // Builds batch b of the epoch. Returns early (with a partial batch) when stop is requested.
-  Batch make_batch(int64_t epoch, const std::vector<int64_t>& order, int64_t b) const {
+  // Opens batch b (under the lock): tensors allocated, every label known, images of the rows
+  // this process does not use left zero.
+  Slot& open(int64_t b) {
+    Slot& s = slots[b];
     const int64_t first = b * opt.batch_size;
-    const int64_t bs = std::min(opt.batch_size, n - first);
-    Batch batch;
-    batch.images = Tensor({bs, c, h, w}, DType::F32);
-    batch.labels = Tensor({bs}, DType::I64);
-    batch.index = b;
-    float* images = batch.images.data<float>();
-    int64_t* labels = batch.labels.data<int64_t>();
-    const int64_t chw = c * h * w;
-    for (int64_t j = 0; j < bs && !stop.load(std::memory_order_relaxed); ++j)
-      fill_sample(epoch, order[size_t(first + j)], images + j * chw, labels + j);
-    return batch;
+    s.rows = std::min(opt.batch_size, n - first);
+    for (auto it = handed_out.begin(); it != handed_out.end(); ++it)
+      if (it->sole_owner() && it->dim(0) == s.rows) {
+        s.batch.images = std::move(*it);
+        handed_out.erase(it);
+        break;
+      }
+    if (!s.batch.images.defined()) s.batch.images = Tensor({s.rows, c, h, w}, DType::F32);
+    s.batch.labels = Tensor({s.rows}, DType::I64);
+    s.batch.index = b;
+    s.first = 0;
+    s.last = s.rows;
+    if (opt.rows) {
+      std::tie(s.first, s.last) = opt.rows(s.rows);
+      DPT_ASSERT(0 <= s.first && s.first <= s.last && s.last <= s.rows, "rows ", s.first, "..",
+                 s.last, " outside a batch of ", s.rows);
+      if (s.first > 0 || s.last < s.rows) s.batch.images.zero_();
+    }
+    int64_t* labels = s.batch.labels.data<int64_t>();
+    for (int64_t j = 0; j < s.rows; ++j) labels[j] = data.label(order[size_t(first + j)]);
+    return s;
   }
 
-  void run(int64_t epoch, std::vector<int64_t> order, int64_t first_batch) {
-    const int64_t nb = batches_per_epoch();
-    try {
-      for (int64_t b = first_batch; b < nb; ++b) {
-        if (stop) return;
-        Batch batch = make_batch(epoch, order, b);
-        std::unique_lock<std::mutex> lk(mu);
-        not_full.wait(lk, [&] { return stop || int64_t(queue.size()) < opt.prefetch; });
-        if (stop) return;
-        queue.push_back(std::move(batch));
-        lk.unlock();
-        not_empty.notify_one();
+  // A worker: claims runs of samples from the oldest open batch with work left (opening a new
+  // batch when fewer than `prefetch` are waiting), fills them without the lock, reports back.
+  void run_worker() {
+    std::unique_lock<std::mutex> lk(mu);
+    while (!stop) {
+      Slot* s = nullptr;
+      int64_t b = -1;
+      for (auto& [k, sl] : slots)
+        if (sl.claimed < sl.last - sl.first && !sl.error) {
+          s = &sl;
+          b = k;
+          break;
+        }
+      if (!s && next_open < end_batch && next_open - next_out < opt.prefetch) {
+        b = next_open++;
+        try {
+          s = &open(b);
+        } catch (...) {
+          slots[b].error = std::current_exception();
+          ready.notify_all();
+          continue;
+        }
       }
-    } catch (...) {
-      std::lock_guard<std::mutex> lk(mu);
-      error = std::current_exception();
+      if (!s) {
+        work.wait(lk);
+        continue;
+      }
+      const int64_t todo = s->last - s->first - s->claimed;
+      const int64_t run = std::max<int64_t>(1, std::min(todo, s->rows / (4 * opt.workers)));
+      const int64_t j0 = s->first + s->claimed;
+      s->claimed += run;
+      lk.unlock();
+      std::exception_ptr err;
+      try {
+        const int64_t chw = c * h * w, base = b * opt.batch_size;
+        float* images = s->batch.images.data<float>();
+        for (int64_t j = j0; j < j0 + run && !stop.load(std::memory_order_relaxed); ++j) {
+          int64_t label = 0;
+          fill_sample(order[size_t(base + j)], images + j * chw, &label);
+        }
+      } catch (...) {
+        err = std::current_exception();
+      }
+      lk.lock();
+      s->filled += run;
+      if (err && !s->error) s->error = err;
+      if (s->filled == s->last - s->first || err) ready.notify_all();
     }
-    {
-      std::lock_guard<std::mutex> lk(mu);
-      done = true;
-    }
-    not_empty.notify_all();
   }
+
+  bool slot_done(const Slot& s) const { return s.error || s.filled == s.last - s.first; }
 };
 
 Loader::Loader(const Dataset& data, LoaderOptions opt)
@@ -182,6 +242,8 @@ Loader::Loader(const Dataset& data, LoaderOptions opt)
             "most ",
             m.n, " or keep the last partial batch");
   DPT_CHECK(o.prefetch >= 1, UsageError, "prefetch must be at least 1 batch, got ", o.prefetch);
+  DPT_CHECK(o.workers >= 1 && o.workers <= 256, UsageError,
+            "workers must be between 1 and 256, got ", o.workers);
   DPT_CHECK(o.augment.crop_pad >= 0 && o.augment.crop_pad <= std::min(m.h, m.w), UsageError,
             "crop padding must be between 0 and the image side (", std::min(m.h, m.w), "), got ",
             o.augment.crop_pad);
@@ -202,7 +264,7 @@ Loader::Loader(const Dataset& data, LoaderOptions opt)
 }
 
 Loader::~Loader() {
-  if (impl_) impl_->stop_producer();
+  if (impl_) impl_->stop_workers();
 }
 
 void Loader::start_epoch(int64_t epoch, int64_t skip) {
@@ -212,19 +274,19 @@ void Loader::start_epoch(int64_t epoch, int64_t skip) {
   const int64_t nb = m.batches_per_epoch();
   DPT_CHECK(skip >= 0 && skip <= nb, UsageError, "cannot skip ", skip, " batches of an epoch of ",
             nb, " batches");
-  m.stop_producer();
-  std::vector<int64_t> order = m.epoch_order(epoch);
+  m.stop_workers();
   {
     std::lock_guard<std::mutex> lk(m.mu);
-    m.done = false;
+    m.order = m.epoch_order(epoch);
+    m.epoch = epoch;
+    m.next_open = m.next_out = skip;
+    m.end_batch = nb;
   }
   m.started = true;
   try {
-    m.producer = std::thread(
-        [&m, epoch, skip, o = std::move(order)]() mutable { m.run(epoch, std::move(o), skip); });
+    for (int t = 0; t < m.opt.workers; ++t) m.workers.emplace_back([&m] { m.run_worker(); });
   } catch (...) {
-    std::lock_guard<std::mutex> lk(m.mu);
-    m.done = true;
+    m.stop_workers();
     throw;
   }
 }
@@ -233,20 +295,28 @@ bool Loader::next(Batch& out) {
   Impl& m = *impl_;
   DPT_ASSERT(m.started, "Loader::next called before start_epoch");
   std::unique_lock<std::mutex> lk(m.mu);
-  m.not_empty.wait(lk, [&] { return !m.queue.empty() || m.done; });
-  if (!m.queue.empty()) {
-    out = std::move(m.queue.front());
-    m.queue.pop_front();
+  if (m.failed || m.next_out >= m.end_batch) return false;
+  auto it = m.slots.end();
+  m.ready.wait(lk, [&] {
+    it = m.slots.find(m.next_out);
+    return it != m.slots.end() && m.slot_done(it->second);
+  });
+  if (it->second.error) {
+    std::exception_ptr e = it->second.error;
+    m.failed = true;  // reported once; later calls see the end of the epoch
+    m.stop = true;
     lk.unlock();
-    m.not_full.notify_one();
-    return true;
-  }
-  if (m.error) {
-    std::exception_ptr e = m.error;
-    m.error = nullptr;  // reported once; later calls see the end of the epoch
+    m.work.notify_all();
     std::rethrow_exception(e);
   }
-  return false;
+  out = std::move(it->second.batch);
+  m.slots.erase(it);
+  m.handed_out.push_back(out.images.share());
+  if (m.handed_out.size() > size_t(m.opt.prefetch) + 2) m.handed_out.pop_front();
+  ++m.next_out;
+  lk.unlock();
+  m.work.notify_all();
+  return true;
 }
 
 int64_t Loader::batches_per_epoch() const {

@@ -251,6 +251,17 @@ std::vector<int64_t> DataParallel::chunk_sizes(int64_t n) const {
   return sizes;
 }
 
+std::pair<int64_t, int64_t> DataParallel::local_rows(int64_t n) const {
+  const std::vector<int64_t> sizes = chunk_sizes(n);
+  const int local = int(replicas_.size());
+  int64_t first = 0, last = 0;
+  for (int g = 0; g < int(sizes.size()); ++g) {
+    if (g < first_) first += sizes[size_t(g)];
+    if (g < first_ + local) last += sizes[size_t(g)];
+  }
+  return {first, last};
+}
+
 std::vector<int64_t> DataParallel::chunk_offsets() const {
   std::vector<int64_t> offsets(sizes_.size(), 0);
   for (size_t r = 1; r < sizes_.size(); ++r) offsets[r] = offsets[r - 1] + sizes_[r - 1];

@@ -76,6 +76,8 @@ class DataParallel : public Module {
   BnMode bn_mode() const { return opt_.bn; }
   // torch.chunk sizes for a batch of n rows over all replicas of the job.
   std::vector<int64_t> chunk_sizes(int64_t n) const;
+  // The rows [first, second) of a batch of n rows that this process's replicas take.
+  std::pair<int64_t, int64_t> local_rows(int64_t n) const;
   // Runs f(replica, r) for every replica of this process on its own thread and waits for all.
   void for_each_replica(const std::function<void(Module&, int)>& f);
   // The communicator among global ranks [0, k) (created on first use, collectively), and k for

@@ -7,9 +7,10 @@ cd "$(dirname "$0")/.."
 packages=(
   build-essential cmake ninja-build pkg-config
   libeigen3-dev libhdf5-dev hdf5-tools libssl-dev libdeflate-dev zlib1g-dev libcli11-dev nlohmann-json3-dev
+  libjpeg62-turbo-dev libpng-dev  # image folders (JPEG, PNG)
   libgtest-dev libgmock-dev libbenchmark-dev
   libopenmpi-dev openmpi-bin  # multi-process training (mpirun)
-  python3-torch python3-torchvision python3-h5py python3-numpy  # PyTorch oracle for tests/benchmarks
+  python3-torch python3-torchvision python3-h5py python3-numpy python3-pil  # PyTorch oracle for tests/benchmarks
   dataset-fashion-mnist
 )
 missing=()

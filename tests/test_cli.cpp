@@ -81,6 +81,13 @@ TEST(Cli, BadUsageExitsTwo) {
   expect_error(std::string(kTiny) + "--lr -1", 2, "--lr");
   expect_error(std::string(kTiny) + "--epochs 0", 2, "--epochs");
   expect_error(std::string(kTiny) + "--data imagenet21k", 2, "imagenet21k");
+  expect_error(std::string(kTiny) + "--data imagefolder", 2, "needs --data-dir");
+  expect_error(std::string(kTiny) + "--data cifar10", 2, "needs --data-dir");
+  expect_error(std::string(kTiny) + "--workers 0", 2, "--workers");
+  expect_error(std::string(kTiny) + "--workers many", 2, "many");
+  expect_error(std::string(kTiny) + "--val-dir /tmp", 2, "--val-dir is for --data imagefolder");
+  expect_error(std::string(kTiny) + "--data imagefolder --data-dir /tmp --train-limit 5", 2,
+               "--train-limit");
   expect_error(std::string(kTiny) + "--lr-schedule linear", 2, "linear");
   expect_error(std::string(kTiny) + "--stem huge", 2, "huge");
   expect_error(std::string(kTiny) + "--num-classes 0", 2, "classes");
@@ -98,6 +105,11 @@ TEST(Cli, RuntimeFailuresExitOne) {
   std::string empty = ::testing::TempDir() + "/dpt_empty_data";
   std::system(("mkdir -p " + empty).c_str());
   expect_error("train --data-dir " + empty + " --max-steps 1", 1, "train-images-idx3-ubyte");
+  expect_error(std::string(kTiny) + "--data cifar100 --data-dir " + empty, 1, "train.bin");
+  expect_error(std::string(kTiny) + "--data imagefolder --data-dir " + empty, 1,
+               "no class folders");
+  expect_error(std::string(kTiny) + "--data imagefolder --data-dir /nonexistent/images", 1,
+               "/nonexistent/images");
 }
 
 TEST(Cli, CudaWithoutGpuIsAClearError) {

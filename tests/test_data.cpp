@@ -575,6 +575,7 @@ class KnownDataset : public Dataset {
     for (int64_t k = 0; k < c_ * h_ * w_; ++k) image[k] = value(i, k);
     return i;
   }
+  int64_t label(int64_t i) const override { return i; }
   mutable std::atomic<int64_t> gets{0};
 
  private:
@@ -981,6 +982,73 @@ TEST(Loader, ProducerExceptionReachesTheConsumer) {
   // The loader is still usable: a new epoch from batch 4 on works.
   const Epoch e = run_epoch(loader, 0, 4);
   EXPECT_EQ(e.labels.size(), 6u);
+}
+
+// Any number of workers gives the same batches as one (augmentation keyed by sample, not thread).
+TEST(Loader, WorkersDoNotChangeTheBatches) {
+  KnownDataset ds(77, 2, 6, 6);
+  Loader one(ds, augmented(6));
+  const Epoch ref = run_epoch(one, 2);
+  for (int workers : {2, 3, 8}) {
+    LoaderOptions o = augmented(6);
+    o.workers = workers;
+    o.prefetch = 3;
+    Loader many(ds, o);
+    const Epoch e = run_epoch(many, 2);
+    EXPECT_EQ(e.labels, ref.labels) << workers;
+    EXPECT_EQ(e.images, ref.images) << workers;
+    const Epoch resumed = run_epoch(many, 2, 5);  // and resuming mid-epoch
+    EXPECT_EQ(resumed.labels,
+              std::vector<std::vector<int64_t>>(ref.labels.begin() + 5, ref.labels.end()));
+  }
+}
+
+// torch.chunk rows of replica r among `replicas` for a batch of n (DataParallel's split).
+std::pair<int64_t, int64_t> chunk_rows(int64_t n, int replicas, int r) {
+  const int64_t chunk = (n + replicas - 1) / replicas;
+  return {std::min(n, r * chunk), std::min(n, (r + 1) * chunk)};
+}
+
+// Sharding as under MPI: each process decodes only its rows of every batch. Across 1, 2 and 3
+// processes every sample of the epoch is decoded exactly once (the last, partial batch kept or
+// dropped), the labels are always whole, and the rows a process does not use stay zero.
+TEST(Loader, ShardsCoverEverySampleExactlyOnce) {
+  for (bool drop_last : {false, true}) {
+    for (int replicas : {1, 2, 3}) {
+      SCOPED_TRACE(std::to_string(replicas) + (drop_last ? " drop_last" : " keep last"));
+      KnownDataset ds(53, 1, 2, 2);
+      std::vector<int> seen(53, 0);
+      std::vector<std::vector<int64_t>> labels;
+      for (int r = 0; r < replicas; ++r) {
+        LoaderOptions o = opts(8, true, drop_last, 5);
+        o.workers = 2;
+        o.rows = [replicas, r](int64_t n) { return chunk_rows(n, replicas, r); };
+        Loader loader(ds, o);
+        const int64_t before = ds.gets.load();
+        const Epoch e = run_epoch(loader, 1);
+        if (r == 0) labels = e.labels;
+        EXPECT_EQ(e.labels, labels);
+        int64_t decoded = 0;
+        for (size_t b = 0; b < e.labels.size(); ++b) {
+          const auto [first, last] = chunk_rows(int64_t(e.labels[b].size()), replicas, r);
+          for (int64_t j = 0; j < int64_t(e.labels[b].size()); ++j) {
+            const bool mine = j >= first && j < last;
+            const float v = e.images[b][size_t(j * 4)];
+            EXPECT_EQ(v != 0.0f, mine) << "batch " << b << " row " << j;
+            if (mine) ++seen[size_t(e.labels[b][size_t(j)])], ++decoded;
+          }
+        }
+        EXPECT_EQ(ds.gets.load() - before, decoded);
+      }
+      const int expected_total = drop_last ? 48 : 53;
+      int total = 0;
+      for (int v : seen) {
+        EXPECT_LE(v, 1);
+        total += v;
+      }
+      EXPECT_EQ(total, expected_total);
+    }
+  }
 }
 
 TEST(Loader, BadOptionsThrowUsageError) {
