@@ -11,7 +11,7 @@ seconds=${1:-600}
 jobs=${2:-1}
 shift $(($# > 2 ? 2 : $#))
 targets=("$@")
-((${#targets[@]})) || targets=(pth pickle safetensors checkpoint idx arch)
+((${#targets[@]})) || targets=(pth pickle safetensors checkpoint idx arch image)
 
 command -v clang++ >/dev/null || { echo "fuzz: clang++ missing (apt-get install clang libomp-dev)"; exit 1; }
 cmake -S . -B build-fuzz -G Ninja -DCMAKE_BUILD_TYPE=Release -DCMAKE_C_COMPILER=clang \

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Builds dptrain (installing missing Debian packages) and runs the whole test suite with CTest,
-# then the loaders of untrusted bytes (checkpoints, .pth, safetensors, IDX) again under
+# then the loaders of untrusted bytes (checkpoints, .pth, safetensors, IDX, images, CIFAR) again under
 # AddressSanitizer + UndefinedBehaviorSanitizer in build-asan/.
 # Extra arguments go to ctest, e.g. `scripts/test.sh -L fast` or `-E Parity` (and skip the
 # sanitizer run).
@@ -14,12 +14,13 @@ echo "== sanitizer run (AddressSanitizer + UndefinedBehaviorSanitizer)"
 cmake -S . -B build-asan -G Ninja -DCMAKE_BUILD_TYPE=Release -DDPTRAIN_SANITIZE=address \
   -DDPTRAIN_CUDA=OFF -DDPTRAIN_BENCHMARKS=OFF >/dev/null
 cmake --build build-asan --target test_interop test_interop_oracle test_fuzz_corpus test_data \
-  test_checkpoint
+  test_checkpoint test_images
 export ASAN_OPTIONS=detect_leaks=1 UBSAN_OPTIONS=print_stacktrace=1:halt_on_error=1
 build-asan/tests/test_interop --gtest_brief=1
 build-asan/tests/test_interop_oracle --gtest_brief=1 \
   --gtest_filter='InteropHostile.*:InteropViews.*:InteropSafetensors.*'
 build-asan/tests/test_fuzz_corpus --gtest_brief=1
 build-asan/tests/test_data --gtest_brief=1
+build-asan/tests/test_images --gtest_brief=1 --gtest_filter='-*TrainingResumes*:*Mpi*'
 build-asan/tests/test_checkpoint --gtest_brief=1 \
   --gtest_filter='*RoundTrip*:*Corrupt*:*FailedSaves*:*DiskFull*:*Strictness*'

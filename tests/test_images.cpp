@@ -398,3 +398,35 @@ TEST(ImageFolder, TrainingResumesExactly) {
   EXPECT_EQ(d.at("max_abs_diff").get<double>(), 0.0);
   EXPECT_TRUE(d.at("only_in_a").empty() && d.at("only_in_b").empty());
 }
+
+// Under mpirun each process decodes only its rows of every batch; the job must train exactly as
+// the same two replicas in one process, which decode every row (up to summation order).
+TEST(ImageFolder, MpiProcessesDecodeTheirShareAndTrainAsOne) {
+  NEED_ORACLE();
+  if (std::string(DPT_MPIEXEC).empty()) GTEST_SKIP() << "built without MPI (libopenmpi-dev)";
+  const std::string dir = ::testing::TempDir() + "/folder-mpi";
+  fs::remove_all(dir);
+  fs::create_directories(dir);
+  setenv("OMPI_ALLOW_RUN_AS_ROOT", "1", 1);
+  setenv("OMPI_ALLOW_RUN_AS_ROOT_CONFIRM", "1", 1);
+  const std::string bin = std::string(DPT_BINARY_DIR) + "/dptrain";
+  const std::string args = " train --data imagefolder --data-dir " + o.dir +
+                           "/pixels --model resnet18 --stem small --crop-size 24 --batch-size 5 "
+                           "--max-steps 4 --threads 1 --workers 2 --lr 0.05 --bn sync --save ";
+  ASSERT_EQ(std::system((std::string(DPT_MPIEXEC) + " -np 2 --oversubscribe --bind-to none " + bin +
+                         args + dir + "/mpi.h5 2>/dev/null >/dev/null")
+                            .c_str()),
+            0);
+  ASSERT_EQ(std::system(
+                (bin + args + dir + "/threads.h5 --devices cpu*2 2>/dev/null >/dev/null").c_str()),
+            0);
+  const std::string out = dir + "/diff.json";
+  ASSERT_EQ(
+      std::system(
+          (bin + " ckpt diff --json " + dir + "/mpi.h5 " + dir + "/threads.h5 >" + out).c_str()),
+      0);
+  std::ifstream in(out);
+  const json d = json::parse(in);
+  EXPECT_LT(d.at("max_abs_diff").get<double>(), 1e-4);
+  EXPECT_TRUE(d.at("only_in_a").empty() && d.at("only_in_b").empty());
+}

@@ -1,6 +1,6 @@
 #!/usr/bin/python3
 """Writes the fuzz seed corpora into tests/fuzz/corpus/<target>/: small valid inputs for each
-loader, from torch (Debian's python3-torch) and from dptrain itself.
+loader, from torch (Debian's python3-torch), Pillow and dptrain itself.
 
   /usr/bin/python3 tests/fuzz/make_corpus.py [build/dptrain]
 """
@@ -61,6 +61,23 @@ def main():
                 "in_channels": channels, "stem": stem, "zero_init_residual": bool(i)}
         with open(out("arch", f"{arch}.json"), "w") as f:
             json.dump(spec, f)
+
+    # Images: tiny JPEGs and PNGs in the variants the decoders handle.
+    import numpy as np
+    from PIL import Image
+    rng = np.random.default_rng(0)
+    rgb = Image.fromarray(rng.integers(0, 256, (12, 17, 3), dtype=np.uint8))
+    gray = rgb.convert("L")
+    for name, img, kw in (("rgb420.jpg", rgb, {"quality": 75}),
+                          ("rgb444.jpg", rgb, {"quality": 90, "subsampling": 0}),
+                          ("progressive.jpg", rgb, {"progressive": True}),
+                          ("gray.jpg", gray, {}), ("cmyk.jpg", rgb.convert("CMYK"), {}),
+                          ("rgb.png", rgb, {}), ("rgba.png", rgb.convert("RGBA"), {}),
+                          ("palette.png", rgb.quantize(16), {"transparency": 2}),
+                          ("gray16.png", Image.fromarray(np.arange(204, dtype=np.uint16)
+                                                         .reshape(12, 17) * 300, "I;16"), {}),
+                          ("bilevel.png", gray.convert("1"), {})):
+        img.save(out("image", name), **kw)
 
 
 if __name__ == "__main__":

@@ -8,11 +8,13 @@
 #include <unistd.h>
 
 #include <cstddef>
+#include <algorithm>
 #include <cstdint>
 #include <nlohmann/json.hpp>
 #include <string>
 
 #include "data/idx.h"
+#include "data/image.h"
 #include "io/checkpoint.h"
 #include "io/formats.h"
 #include "io/pickle.h"
@@ -90,12 +92,25 @@ inline void arch(const uint8_t* data, size_t size) {
   if (!j.is_discarded()) expect_error_or_success([&] { dpt::ArchSpec::from_json(j).validate(); });
 }
 
+// JPEG and PNG files: the header, a whole decode when small, and a partial (windowed) decode.
+inline void image(const uint8_t* data, size_t size) {
+  const std::vector<uint8_t> bytes(data, data + size);
+  expect_error_or_success([&] {
+    const dpt::ImageSize s = dpt::image_size(bytes, "fuzz");
+    if (s.height * s.width <= (int64_t(1) << 22)) dpt::decode_image(bytes, "fuzz");
+    const dpt::Window w{s.height / 3, s.width / 4, std::max<int64_t>(1, s.height / 2),
+                        std::max<int64_t>(1, s.width / 2)};
+    if (w.height * w.width <= (int64_t(1) << 22)) dpt::decode_image(bytes, "fuzz", w);
+  });
+}
+
 struct Target {
   const char* name;
   void (*run)(const uint8_t*, size_t);
 };
 inline constexpr Target kTargets[] = {{"pth", pth},       {"pickle", pickle},
                                       {"safetensors", safetensors}, {"checkpoint", checkpoint},
-                                      {"idx", idx},       {"arch", arch}};
+                                      {"idx", idx},       {"arch", arch},
+                                      {"image", image}};
 
 }  // namespace fuzz
