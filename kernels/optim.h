@@ -21,6 +21,25 @@ struct SgdParams {
   bool nesterov = false;
 };
 
+#if defined(__CUDACC__)
+#define DPT_HOST_DEVICE __host__ __device__
+#else
+#define DPT_HOST_DEVICE
+#endif
+
+// The update of one element, shared by both engines: returns the new p; buf (null without
+// momentum) is updated in place.
+DPT_HOST_DEVICE inline float sgd_update(float p, float grad, float* buf, const SgdParams& h,
+                                        bool first_step) {
+  float g = grad;
+  if (h.weight_decay != 0) g += h.weight_decay * p;
+  if (buf) {
+    *buf = first_step ? g : h.momentum * *buf + (1 - h.dampening) * g;
+    g = h.nesterov ? g + h.momentum * *buf : *buf;
+  }
+  return p - h.lr * g;
+}
+
 // Declared once, for the CPU engine and for the CUDA backend.
 #define DPT_OPTIM_KERNELS \
   void sgd_step(Tensor& p, const Tensor& grad, Tensor& buf, const SgdParams& h, bool first_step);

@@ -13,15 +13,8 @@ void sgd_step(Tensor& p, const Tensor& grad, Tensor& buf, const SgdParams& h, bo
   float* bp = h.momentum != 0 ? buf.data<float>() : nullptr;
   const int64_t n = p.numel();
 #pragma omp parallel for simd schedule(static) if (n > 65536)
-  for (int64_t i = 0; i < n; ++i) {
-    float g = gp[i];
-    if (h.weight_decay != 0) g += h.weight_decay * pp[i];
-    if (bp) {
-      bp[i] = first_step ? g : h.momentum * bp[i] + (1 - h.dampening) * g;
-      g = h.nesterov ? g + h.momentum * bp[i] : bp[i];
-    }
-    pp[i] -= h.lr * g;
-  }
+  for (int64_t i = 0; i < n; ++i)
+    pp[i] = sgd_update(pp[i], gp[i], bp ? bp + i : nullptr, h, first_step);
 }
 
 }  // namespace dpt::cpu

@@ -1,0 +1,76 @@
+// One-GPU training throughput of a ResNet at 224x224, fp32 (TF32 off): forward, cross-entropy,
+// backward and SGD with momentum on cuda:0, batch B, S timed steps after 3 warm-up steps.
+// Prints {"images_per_second": R, "peak_bytes": M, "step_ms": T}; peak_bytes is the most device
+// memory in use (cudaMemGetInfo) seen after any forward or step. Driven by gpu_step.py, which
+// times torchvision's model the same way beside it (scripts/gpu-check.sh).
+//
+//   bench_gpu MODEL BATCH STEPS
+#include <cuda_runtime.h>
+
+#include <chrono>
+#include <cstdio>
+#include <cstdlib>
+#include <nlohmann/json.hpp>
+
+#include "core/cuda_check.h"
+#include "core/rng.h"
+#include "kernels/loss.h"
+#include "models/arch.h"
+#include "models/optimizer.h"
+
+int main(int argc, char** argv) {
+  if (argc < 4) {
+    std::fprintf(stderr, "usage: bench_gpu MODEL BATCH STEPS\n");
+    return 2;
+  }
+  try {
+    const dpt::Device gpu = dpt::Device::cuda(0);
+    dpt::ArchSpec spec;
+    spec.arch = argv[1];
+    spec.num_classes = 1000;
+    spec.in_channels = 3;
+    spec.stem = "imagenet";
+    const int64_t batch = std::atoll(argv[2]), steps = std::atoll(argv[3]);
+    auto model = dpt::make_model(spec, 0);
+    model->to(gpu);
+    model->train();
+    dpt::Tensor x({batch, 3, 224, 224}), t({batch}, dpt::DType::I64);
+    dpt::Rng rng(1);
+    for (int64_t i = 0; i < x.numel(); ++i) x.data<float>()[i] = rng.normal();
+    for (int64_t i = 0; i < batch; ++i) t.data<int64_t>()[i] = i % 1000;
+    const dpt::Tensor gx = x.to(gpu), gt = t.to(gpu);
+    dpt::Sgd opt({0.1f, 0.9f, 0.0f, 1e-4f, false});
+    size_t total = 0, free_bytes = 0, peak = 0;
+    auto sample = [&] {
+      DPT_CUDA(cudaDeviceSynchronize());
+      DPT_CUDA(cudaMemGetInfo(&free_bytes, &total));
+      peak = std::max(peak, total - free_bytes);
+    };
+    DPT_CUDA(cudaMemGetInfo(&free_bytes, &total));
+    const size_t baseline = total - free_bytes;
+    auto step = [&] {
+      model->zero_grad();
+      dpt::Tensor z = model->forward(gx.clone());
+      sample();
+      dpt::Tensor dz(z.shape(), dpt::DType::F32, gpu);
+      dpt::softmax_cross_entropy(z, gt, &dz);
+      model->backward(std::move(dz));
+      opt.step(*model);
+    };
+    for (int k = 0; k < 3; ++k) step();
+    sample();
+    const auto t0 = std::chrono::steady_clock::now();
+    for (int64_t k = 0; k < steps; ++k) step();
+    DPT_CUDA(cudaDeviceSynchronize());
+    const double s = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+    std::printf("%s\n", nlohmann::json{{"images_per_second", double(batch * steps) / s},
+                                       {"step_ms", 1000 * s / double(steps)},
+                                       {"peak_bytes", peak - baseline}}
+                            .dump()
+                            .c_str());
+  } catch (const dpt::Error& e) {
+    std::fprintf(stderr, "bench_gpu: %s\n", e.what());
+    return 1;
+  }
+  return 0;
+}

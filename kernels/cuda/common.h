@@ -1,0 +1,56 @@
+// Shared pieces of the CUDA backend: checking macros for cuDNN and cuBLAS (DPT_CUDA is in
+// core/cuda_check.h), the library handles and launch geometry.
+//
+// Every op runs on the calling thread's per-thread default stream (cudaStreamPerThread) of the
+// tensor's device. Each thread that runs ops keeps its own cuDNN and cuBLAS handles per device,
+// created on first use, bound to that stream, destroyed when the thread ends. A thread per
+// replica (DataParallel) therefore never shares a handle or a stream with another.
+#pragma once
+
+#include <cublas_v2.h>
+#include <cudnn.h>
+
+#include <cstdint>
+
+#include "core/cuda_check.h"
+#include "core/tensor.h"
+
+#define DPT_CUDNN(call)                                                       \
+  do {                                                                        \
+    const cudnnStatus_t dpt_cudnn_rc = (call);                                \
+    DPT_CHECK(dpt_cudnn_rc == CUDNN_STATUS_SUCCESS, DeviceError, #call, ": ", \
+              cudnnGetErrorString(dpt_cudnn_rc));                             \
+  } while (0)
+
+#define DPT_CUBLAS(call)                                                        \
+  do {                                                                          \
+    const cublasStatus_t dpt_cublas_rc = (call);                                \
+    DPT_CHECK(dpt_cublas_rc == CUBLAS_STATUS_SUCCESS, DeviceError, #call, ": ", \
+              cublasGetStatusString(dpt_cublas_rc));                            \
+  } while (0)
+
+namespace dpt::cuda {
+
+struct Handles {
+  cudnnHandle_t cudnn = nullptr;
+  cublasHandle_t cublas = nullptr;
+};
+
+// Makes t's device current and returns this thread's handles for it.
+Handles& handles_for(const Tensor& t);
+
+inline constexpr int kThreads = 256;
+inline unsigned blocks_for(int64_t n) {
+  const int64_t b = (n + kThreads - 1) / kThreads;
+  return unsigned(b < 65535 * 32 ? (b < 1 ? 1 : b) : 65535 * 32);
+}
+
+// Checks the launch that just happened (bad configuration, missing kernel image).
+void check_launch(const char* what);
+
+inline void check_f32_cuda(const Tensor& t, const char* what) {
+  DPT_ASSERT(t.defined() && t.dtype() == DType::F32 && t.device().is_cuda(), what,
+             " must be a defined float32 cuda tensor");
+}
+
+}  // namespace dpt::cuda

@@ -1,0 +1,237 @@
+// kernels/cuda against the CPU engine (label gpu): every op on random inputs, forward and
+// backward, within a relative-error bound per op (fp32, TF32 off), and whole ResNet-50 and
+// ResNet-152 training steps on cuda:0 against the same steps on the CPU. Without a GPU, or in a
+// build without the CUDA kernels, every test skips and says why.
+#include <gtest/gtest.h>
+
+#include <algorithm>
+#include <cmath>
+#include <string>
+
+#include "core/device.h"
+#include "core/rng.h"
+#include "kernels/batchnorm.h"
+#include "kernels/conv.h"
+#include "kernels/elementwise.h"
+#include "kernels/linear.h"
+#include "kernels/loss.h"
+#include "kernels/optim.h"
+#include "kernels/pool.h"
+#include "models/arch.h"
+#include "models/optimizer.h"
+
+using namespace dpt;
+
+namespace {
+
+std::string no_gpu() {
+#ifndef DPTRAIN_WITH_CUDA
+  return "this build has no CUDA kernels (nvcc, cuDNN or NCCL not found)";
+#else
+  std::string why;
+  return cuda_device_count(&why) > 0 ? "" : why;
+#endif
+}
+
+#define NEED_GPU()                          \
+  const std::string skip_reason = no_gpu(); \
+  if (!skip_reason.empty()) GTEST_SKIP() << skip_reason;
+
+const Device kGpu = Device::cuda(0);
+
+Tensor random(Shape s, uint64_t seed, float scale = 1.0f) {
+  Tensor t(std::move(s));
+  Rng rng(seed);
+  float* p = t.data<float>();
+  for (int64_t i = 0; i < t.numel(); ++i) p[i] = scale * rng.normal();
+  return t;
+}
+
+// max |gpu - cpu| / max(1e-6, max |cpu|): the error relative to the tensor's scale.
+double rel_error(const Tensor& gpu, const Tensor& cpu) {
+  const std::vector<float> a = gpu.to_vector(), b = cpu.to_vector();
+  EXPECT_EQ(a.size(), b.size());
+  double diff = 0, scale = 1e-6;
+  for (size_t i = 0; i < std::min(a.size(), b.size()); ++i) {
+    diff = std::max(diff, std::fabs(double(a[i]) - double(b[i])));
+    scale = std::max(scale, std::fabs(double(b[i])));
+  }
+  return diff / scale;
+}
+
+}  // namespace
+
+TEST(Cuda, ConvolutionForwardAndBackward) {
+  NEED_GPU();
+  for (const auto& [c, k, r, stride, pad, hw] :
+       std::vector<std::tuple<int, int, int, int, int, int>>{{3, 64, 7, 2, 3, 32},
+                                                             {64, 64, 3, 1, 1, 16},
+                                                             {64, 256, 1, 1, 0, 8},
+                                                             {128, 128, 3, 2, 1, 9},
+                                                             {256, 512, 1, 2, 0, 7}}) {
+    SCOPED_TRACE(std::to_string(c) + "->" + std::to_string(k) + " k" + std::to_string(r));
+    const Conv2dParams p{stride, pad};
+    const int64_t o = conv_out_size(hw, r, stride, pad);
+    Tensor x = random({2, c, hw, hw}, 1), w = random({k, c, r, r}, 2, 0.1f);
+    Tensor dy = random({2, k, o, o}, 3);
+    Tensor y({2, k, o, o}), dx(x.shape()), dw = random(w.shape(), 4);
+    Tensor gx = x.to(kGpu), gw = w.to(kGpu), gdy = dy.to(kGpu), gy({2, k, o, o}, DType::F32, kGpu),
+           gdx(x.shape(), DType::F32, kGpu), gdw = dw.to(kGpu);
+    conv2d_forward(x, w, y, p);
+    conv2d_forward(gx, gw, gy, p);
+    EXPECT_LT(rel_error(gy, y), 1e-5);
+    conv2d_backward(dy, x, w, &dx, dw, p);  // dw accumulates onto its random start
+    conv2d_backward(gdy, gx, gw, &gdx, gdw, p);
+    EXPECT_LT(rel_error(gdx, dx), 1e-5);
+    EXPECT_LT(rel_error(gdw, dw), 1e-5);
+  }
+}
+
+TEST(Cuda, BatchNormPieces) {
+  NEED_GPU();
+  for (const Shape& s : {Shape{4, 16, 7, 7}, Shape{3, 8}}) {
+    const int64_t C = s[1], count = Tensor(s).numel() / C;
+    Tensor x = random(s, 5, 2.0f), gamma = random({C}, 6), beta = random({C}, 7), dy = random(s, 8);
+    Tensor mean({C}), var({C}), y(s), rm = random({C}, 9), rv = Tensor::full({C}, 1.5f);
+    Tensor gmean({C}, DType::F32, kGpu), gvar({C}, DType::F32, kGpu), gy(s, DType::F32, kGpu);
+    Tensor gx = x.to(kGpu), ggamma = gamma.to(kGpu), gbeta = beta.to(kGpu), gdy = dy.to(kGpu),
+           grm = rm.to(kGpu), grv = rv.to(kGpu);
+    batchnorm_stats(x, mean, var);
+    batchnorm_stats(gx, gmean, gvar);
+    EXPECT_LT(rel_error(gmean, mean), 1e-6);
+    EXPECT_LT(rel_error(gvar, var), 1e-6);
+    batchnorm_forward(x, mean, var, gamma, beta, 1e-5f, y);
+    batchnorm_forward(gx, gmean, gvar, ggamma, gbeta, 1e-5f, gy);
+    EXPECT_LT(rel_error(gy, y), 1e-6);
+    batchnorm_update_running(rm, rv, mean, var, count, 0.1f);
+    batchnorm_update_running(grm, grv, gmean, gvar, count, 0.1f);
+    EXPECT_LT(rel_error(grm, rm), 1e-6);
+    EXPECT_LT(rel_error(grv, rv), 1e-6);
+    Tensor sd({C}), sdx({C}), dx(s), gsd({C}, DType::F32, kGpu), gsdx({C}, DType::F32, kGpu),
+        gdx(s, DType::F32, kGpu);
+    batchnorm_backward_reduce(dy, x, mean, var, 1e-5f, sd, sdx);
+    batchnorm_backward_reduce(gdy, gx, gmean, gvar, 1e-5f, gsd, gsdx);
+    EXPECT_LT(rel_error(gsd, sd), 1e-5);
+    EXPECT_LT(rel_error(gsdx, sdx), 1e-5);
+    batchnorm_backward_data(dy, x, mean, var, gamma, sd, sdx, 1e-5f, count, dx);
+    batchnorm_backward_data(gdy, gx, gmean, gvar, ggamma, gsd, gsdx, 1e-5f, count, gdx);
+    EXPECT_LT(rel_error(gdx, dx), 1e-5);
+  }
+}
+
+TEST(Cuda, PoolingElementwiseLinearLossAndSgd) {
+  NEED_GPU();
+  // Max pool 3x3/2 pad 1 and global average pool, forward and backward.
+  Tensor x = random({2, 4, 9, 9}, 10), dy = random({2, 4, 5, 5}, 11);
+  Tensor y({2, 4, 5, 5}), dx(x.shape()), gy({2, 4, 5, 5}, DType::F32, kGpu),
+      gdx(x.shape(), DType::F32, kGpu);
+  Tensor gx = x.to(kGpu), gdy = dy.to(kGpu);
+  maxpool2d_forward(x, y, {});
+  maxpool2d_forward(gx, gy, {});
+  EXPECT_EQ(rel_error(gy, y), 0.0);
+  maxpool2d_backward(dy, x, dx, {});
+  maxpool2d_backward(gdy, gx, gdx, {});
+  EXPECT_LT(rel_error(gdx, dx), 1e-6);
+  Tensor a({2, 4}), ga({2, 4}, DType::F32, kGpu), da = random({2, 4}, 12), gda = da.to(kGpu);
+  global_avgpool_forward(x, a);
+  global_avgpool_forward(gx, ga);
+  EXPECT_LT(rel_error(ga, a), 1e-6);
+  global_avgpool_backward(da, dx);
+  global_avgpool_backward(gda, gdx);
+  EXPECT_LT(rel_error(gdx, dx), 1e-6);
+  // Elementwise ops, exact.
+  Tensor e = random({1000}, 13), f = random({1000}, 14);
+  Tensor ge = e.to(kGpu), gf = f.to(kGpu);
+  add_relu_(e, f);
+  add_relu_(ge, gf);
+  EXPECT_EQ(rel_error(ge, e), 0.0);
+  relu_backward_(f, e);
+  relu_backward_(gf, ge);
+  EXPECT_EQ(rel_error(gf, f), 0.0);
+  // Linear.
+  Tensor lx = random({5, 33}, 15), lw = random({10, 33}, 16, 0.2f), lb = random({10}, 17),
+         ldy = random({5, 10}, 18);
+  Tensor ly({5, 10}), ldx({5, 33}), ldw = random({10, 33}, 19), ldb = random({10}, 20);
+  Tensor glx = lx.to(kGpu), glw = lw.to(kGpu), glb = lb.to(kGpu), gldy = ldy.to(kGpu),
+         gly({5, 10}, DType::F32, kGpu), gldx({5, 33}, DType::F32, kGpu), gldw = ldw.to(kGpu),
+         gldb = ldb.to(kGpu);
+  linear_forward(lx, lw, lb, ly);
+  linear_forward(glx, glw, glb, gly);
+  EXPECT_LT(rel_error(gly, ly), 1e-6);
+  linear_backward(ldy, lx, lw, &ldx, ldw, ldb);
+  linear_backward(gldy, glx, glw, &gldx, gldw, gldb);
+  EXPECT_LT(rel_error(gldx, ldx), 1e-6);
+  EXPECT_LT(rel_error(gldw, ldw), 1e-6);
+  EXPECT_LT(rel_error(gldb, ldb), 1e-6);
+  // Softmax cross-entropy: loss, hits and gradient.
+  Tensor z = random({7, 1000}, 21, 3.0f), t({7}, DType::I64);
+  for (int64_t n = 0; n < 7; ++n) t.data<int64_t>()[n] = (n * 137) % 1000;
+  Tensor dz({7, 1000}), gz = z.to(kGpu), gt = t.to(kGpu), gdz({7, 1000}, DType::F32, kGpu);
+  int64_t hits = -1, ghits = -2;
+  const float loss = softmax_cross_entropy(z, t, &dz, 2.0f, &hits);
+  const float gloss = softmax_cross_entropy(gz, gt, &gdz, 2.0f, &ghits);
+  EXPECT_NEAR(gloss, loss, 1e-6 * std::fabs(loss));
+  EXPECT_EQ(ghits, hits);
+  EXPECT_LT(rel_error(gdz, dz), 1e-6);
+  t.data<int64_t>()[3] = 1000;  // out of range: the same clear error as on the CPU
+  EXPECT_THROW(softmax_cross_entropy(z.to(kGpu), t.to(kGpu), nullptr), ConfigError);
+  // SGD with momentum, weight decay and Nesterov, first step and later.
+  for (bool nesterov : {false, true}) {
+    Tensor p = random({300}, 22), g = random({300}, 23), buf({300});
+    Tensor gp = p.to(kGpu), gg = g.to(kGpu), gbuf({300}, DType::F32, kGpu);
+    const SgdParams h{0.1f, 0.9f, 0.0f, 5e-4f, nesterov};
+    for (bool first : {true, false, false}) {
+      sgd_step(p, g, buf, h, first);
+      sgd_step(gp, gg, gbuf, h, first);
+    }
+    EXPECT_LT(rel_error(gp, p), 1e-6);
+    EXPECT_LT(rel_error(gbuf, buf), 1e-6);
+  }
+}
+
+// One SGD step of a whole network on cuda:0 and on the CPU from the same weights and batch:
+// logits, loss, every gradient and every weight after the step.
+void whole_step(const std::string& arch) {
+  ArchSpec spec;
+  spec.arch = arch;
+  spec.num_classes = 10;
+  spec.in_channels = 3;
+  spec.stem = "imagenet";
+  auto cpu = make_model(spec, 3), gpu = make_model(spec, 3);
+  gpu->to(kGpu);
+  Tensor x = random({4, 3, 64, 64}, 30), t({4}, DType::I64);
+  for (int64_t n = 0; n < 4; ++n) t.data<int64_t>()[n] = n * 3;
+  Sgd sc({0.1f, 0.9f, 0.0f, 1e-4f, false}), sg({0.1f, 0.9f, 0.0f, 1e-4f, false});
+  Tensor zc = cpu->forward(x.clone()), zg = gpu->forward(x.to(kGpu));
+  EXPECT_LT(rel_error(zg, zc), 1e-3);
+  Tensor dzc(zc.shape()), dzg(zg.shape(), DType::F32, kGpu);
+  const float lc = softmax_cross_entropy(zc, t, &dzc),
+              lg = softmax_cross_entropy(zg, t.to(kGpu), &dzg);
+  EXPECT_NEAR(lg, lc, 1e-3 * std::fabs(lc));
+  cpu->backward(std::move(dzc));
+  gpu->backward(std::move(dzg));
+  auto pc = cpu->named_parameters(), pg = gpu->named_parameters();
+  ASSERT_EQ(pc.size(), pg.size());
+  double worst = 0;
+  for (size_t i = 0; i < pc.size(); ++i)
+    worst = std::max(worst, rel_error(pg[i].second->grad, pc[i].second->grad));
+  EXPECT_LT(worst, 1e-2) << "worst relative gradient error";
+  sc.step(*cpu);
+  sg.step(*gpu);
+  double wworst = 0;
+  for (size_t i = 0; i < pc.size(); ++i)
+    wworst = std::max(wworst, rel_error(pg[i].second->value, pc[i].second->value));
+  EXPECT_LT(wworst, 1e-4) << "worst relative weight error after the step";
+  std::printf("%s on %s: logits %.2e, worst gradient %.2e, worst weight after the step %.2e\n",
+              arch.c_str(), kGpu.str().c_str(), rel_error(zg, zc), worst, wworst);
+}
+
+TEST(Cuda, Resnet50TrainingStepMatchesTheCpu) {
+  NEED_GPU();
+  whole_step("resnet50");
+}
+
+TEST(Cuda, Resnet152TrainingStepMatchesTheCpu) {
+  NEED_GPU();
+  whole_step("resnet152");
+}
