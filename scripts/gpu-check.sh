@@ -33,5 +33,6 @@ export LD_LIBRARY_PATH="$PWD/gpu-bundle/lib:${libs}${LD_LIBRARY_PATH:-}"
 } 2>&1 | tee "$report"
 status=0
 grep -q "FAILED\|Traceback\|error:" "$report" && status=1
+grep -q "SKIPPED \]" "$report" && { echo "gpu-check: some GPU tests were skipped (see why above)"; status=1; }
 echo "gpu-check: report in $report (status $status)"
 exit $status
