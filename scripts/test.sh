@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Builds dptrain (installing missing Debian packages) and runs the whole test suite with CTest,
-# then the loaders of untrusted bytes (checkpoints, .pth, safetensors, IDX, images, CIFAR) again under
-# AddressSanitizer + UndefinedBehaviorSanitizer in build-asan/.
+# then the loaders of untrusted bytes (checkpoints, .pth, safetensors, IDX, images, CIFAR) again
+# under AddressSanitizer + UndefinedBehaviorSanitizer in build-asan/.
 # Extra arguments go to ctest, e.g. `scripts/test.sh -L fast` or `-E Parity` (and skip the
 # sanitizer run).
 set -euo pipefail

@@ -7,8 +7,8 @@
 #include <sys/mman.h>
 #include <unistd.h>
 
-#include <cstddef>
 #include <algorithm>
+#include <cstddef>
 #include <cstdint>
 #include <nlohmann/json.hpp>
 #include <string>
@@ -108,9 +108,12 @@ struct Target {
   const char* name;
   void (*run)(const uint8_t*, size_t);
 };
-inline constexpr Target kTargets[] = {{"pth", pth},       {"pickle", pickle},
-                                      {"safetensors", safetensors}, {"checkpoint", checkpoint},
-                                      {"idx", idx},       {"arch", arch},
+inline constexpr Target kTargets[] = {{"pth", pth},
+                                      {"pickle", pickle},
+                                      {"safetensors", safetensors},
+                                      {"checkpoint", checkpoint},
+                                      {"idx", idx},
+                                      {"arch", arch},
                                       {"image", image}};
 
 }  // namespace fuzz
