@@ -1,8 +1,10 @@
 // One-GPU training throughput of a ResNet at 224x224, fp32 (TF32 off): forward, cross-entropy,
 // backward and SGD with momentum on cuda:0, batch B, S timed steps after 3 warm-up steps.
 // Prints {"images_per_second": R, "peak_bytes": M, "step_ms": T}; peak_bytes is the most device
-// memory in use (cudaMemGetInfo) seen after any forward or step. Driven by gpu_step.py, which
-// times torchvision's model the same way beside it (scripts/gpu-check.sh).
+// memory in use (cudaMemGetInfo, the CUDA context excluded; weights, input, activations, cuDNN
+// workspaces and library handles included) seen after a forward, a backward or a step of the
+// warm-up. Driven by gpu_step.py, which times torchvision's model the same way beside it
+// (scripts/gpu-check.sh).
 //
 //   bench_gpu MODEL BATCH STEPS
 #include <cuda_runtime.h>
@@ -31,6 +33,11 @@ int main(int argc, char** argv) {
     spec.in_channels = 3;
     spec.stem = "imagenet";
     const int64_t batch = std::atoll(argv[2]), steps = std::atoll(argv[3]);
+    DPT_CUDA(cudaSetDevice(0));
+    DPT_CUDA(cudaFree(nullptr));  // the context first: it is not part of the model's memory
+    size_t total = 0, free_bytes = 0, peak = 0;
+    DPT_CUDA(cudaMemGetInfo(&free_bytes, &total));
+    const size_t baseline = total - free_bytes;
     auto model = dpt::make_model(spec, 0);
     model->to(gpu);
     model->train();
@@ -40,27 +47,26 @@ int main(int argc, char** argv) {
     for (int64_t i = 0; i < batch; ++i) t.data<int64_t>()[i] = i % 1000;
     const dpt::Tensor gx = x.to(gpu), gt = t.to(gpu);
     dpt::Sgd opt({0.1f, 0.9f, 0.0f, 1e-4f, false});
-    size_t total = 0, free_bytes = 0, peak = 0;
     auto sample = [&] {
       DPT_CUDA(cudaDeviceSynchronize());
       DPT_CUDA(cudaMemGetInfo(&free_bytes, &total));
       peak = std::max(peak, total - free_bytes);
     };
-    DPT_CUDA(cudaMemGetInfo(&free_bytes, &total));
-    const size_t baseline = total - free_bytes;
-    auto step = [&] {
+    // measure: memory is sampled (with a device sync) only in the untimed warm-up steps.
+    auto step = [&](bool measure) {
       model->zero_grad();
       dpt::Tensor z = model->forward(gx.clone());
-      sample();
+      if (measure) sample();
       dpt::Tensor dz(z.shape(), dpt::DType::F32, gpu);
       dpt::softmax_cross_entropy(z, gt, &dz);
       model->backward(std::move(dz));
+      if (measure) sample();
       opt.step(*model);
+      if (measure) sample();
     };
-    for (int k = 0; k < 3; ++k) step();
-    sample();
+    for (int k = 0; k < 3; ++k) step(true);
     const auto t0 = std::chrono::steady_clock::now();
-    for (int64_t k = 0; k < steps; ++k) step();
+    for (int64_t k = 0; k < steps; ++k) step(false);
     DPT_CUDA(cudaDeviceSynchronize());
     const double s = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
     std::printf("%s\n", nlohmann::json{{"images_per_second", double(batch * steps) / s},

@@ -65,7 +65,7 @@ def main():
                      f"{r['images_per_second'] / theirs['images_per_second']:.2f}x |")
     note = (f"{args.model}, batch {args.batch}, 224x224, {args.steps} timed steps after 3; {gpu}; "
             f"PyTorch {torch.__version__}. Peak memory: ours is device memory in use after a "
-            f"forward or a step (cudaMemGetInfo, plain cudaMalloc), PyTorch's "
+            f"forward, backward or step (cudaMemGetInfo less the CUDA context; plain cudaMalloc), PyTorch's "
             f"max_memory_allocated (its caching allocator).")
     text = "\n".join(lines) + "\n\n" + note + "\n"
     print(text)

@@ -47,16 +47,23 @@ Tensor random(Shape s, uint64_t seed, float scale = 1.0f) {
   return t;
 }
 
-// max |gpu - cpu| / max(1e-6, max |cpu|): the error relative to the tensor's scale.
+// max |gpu - cpu| / max(1e-6, max |cpu|): the error relative to the tensor's scale; infinite
+// when a value is not finite on either side.
 double rel_error(const Tensor& gpu, const Tensor& cpu) {
   const std::vector<float> a = gpu.to_vector(), b = cpu.to_vector();
   EXPECT_EQ(a.size(), b.size());
   double diff = 0, scale = 1e-6;
   for (size_t i = 0; i < std::min(a.size(), b.size()); ++i) {
+    if (!std::isfinite(a[i]) || !std::isfinite(b[i])) return INFINITY;
     diff = std::max(diff, std::fabs(double(a[i]) - double(b[i])));
     scale = std::max(scale, std::fabs(double(b[i])));
   }
   return diff / scale;
+}
+
+// An output on the GPU filled with NaN, so that an op that fails to overwrite it is caught.
+Tensor out(Shape s) {
+  return Tensor::full(std::move(s), NAN).to(kGpu);
 }
 
 }  // namespace
@@ -75,15 +82,15 @@ TEST(Cuda, ConvolutionForwardAndBackward) {
     Tensor x = random({2, c, hw, hw}, 1), w = random({k, c, r, r}, 2, 0.1f);
     Tensor dy = random({2, k, o, o}, 3);
     Tensor y({2, k, o, o}), dx(x.shape()), dw = random(w.shape(), 4);
-    Tensor gx = x.to(kGpu), gw = w.to(kGpu), gdy = dy.to(kGpu), gy({2, k, o, o}, DType::F32, kGpu),
-           gdx(x.shape(), DType::F32, kGpu), gdw = dw.to(kGpu);
+    Tensor gx = x.to(kGpu), gw = w.to(kGpu), gdy = dy.to(kGpu), gy = out({2, k, o, o}),
+           gdx = out(x.shape()), gdw = dw.to(kGpu);
     conv2d_forward(x, w, y, p);
     conv2d_forward(gx, gw, gy, p);
-    EXPECT_LT(rel_error(gy, y), 1e-5);
+    EXPECT_LT(rel_error(gy, y), 1e-4);
     conv2d_backward(dy, x, w, &dx, dw, p);  // dw accumulates onto its random start
     conv2d_backward(gdy, gx, gw, &gdx, gdw, p);
-    EXPECT_LT(rel_error(gdx, dx), 1e-5);
-    EXPECT_LT(rel_error(gdw, dw), 1e-5);
+    EXPECT_LT(rel_error(gdx, dx), 1e-4);
+    EXPECT_LT(rel_error(gdw, dw), 1e-4);
   }
 }
 
@@ -93,7 +100,7 @@ TEST(Cuda, BatchNormPieces) {
     const int64_t C = s[1], count = Tensor(s).numel() / C;
     Tensor x = random(s, 5, 2.0f), gamma = random({C}, 6), beta = random({C}, 7), dy = random(s, 8);
     Tensor mean({C}), var({C}), y(s), rm = random({C}, 9), rv = Tensor::full({C}, 1.5f);
-    Tensor gmean({C}, DType::F32, kGpu), gvar({C}, DType::F32, kGpu), gy(s, DType::F32, kGpu);
+    Tensor gmean = out({C}), gvar = out({C}), gy = out(s);
     Tensor gx = x.to(kGpu), ggamma = gamma.to(kGpu), gbeta = beta.to(kGpu), gdy = dy.to(kGpu),
            grm = rm.to(kGpu), grv = rv.to(kGpu);
     batchnorm_stats(x, mean, var);
@@ -107,8 +114,7 @@ TEST(Cuda, BatchNormPieces) {
     batchnorm_update_running(grm, grv, gmean, gvar, count, 0.1f);
     EXPECT_LT(rel_error(grm, rm), 1e-6);
     EXPECT_LT(rel_error(grv, rv), 1e-6);
-    Tensor sd({C}), sdx({C}), dx(s), gsd({C}, DType::F32, kGpu), gsdx({C}, DType::F32, kGpu),
-        gdx(s, DType::F32, kGpu);
+    Tensor sd({C}), sdx({C}), dx(s), gsd = out({C}), gsdx = out({C}), gdx = out(s);
     batchnorm_backward_reduce(dy, x, mean, var, 1e-5f, sd, sdx);
     batchnorm_backward_reduce(gdy, gx, gmean, gvar, 1e-5f, gsd, gsdx);
     EXPECT_LT(rel_error(gsd, sd), 1e-5);
@@ -123,8 +129,7 @@ TEST(Cuda, PoolingElementwiseLinearLossAndSgd) {
   NEED_GPU();
   // Max pool 3x3/2 pad 1 and global average pool, forward and backward.
   Tensor x = random({2, 4, 9, 9}, 10), dy = random({2, 4, 5, 5}, 11);
-  Tensor y({2, 4, 5, 5}), dx(x.shape()), gy({2, 4, 5, 5}, DType::F32, kGpu),
-      gdx(x.shape(), DType::F32, kGpu);
+  Tensor y({2, 4, 5, 5}), dx(x.shape()), gy = out({2, 4, 5, 5}), gdx = out(x.shape());
   Tensor gx = x.to(kGpu), gdy = dy.to(kGpu);
   maxpool2d_forward(x, y, {});
   maxpool2d_forward(gx, gy, {});
@@ -132,7 +137,7 @@ TEST(Cuda, PoolingElementwiseLinearLossAndSgd) {
   maxpool2d_backward(dy, x, dx, {});
   maxpool2d_backward(gdy, gx, gdx, {});
   EXPECT_LT(rel_error(gdx, dx), 1e-6);
-  Tensor a({2, 4}), ga({2, 4}, DType::F32, kGpu), da = random({2, 4}, 12), gda = da.to(kGpu);
+  Tensor a({2, 4}), ga = out({2, 4}), da = random({2, 4}, 12), gda = da.to(kGpu);
   global_avgpool_forward(x, a);
   global_avgpool_forward(gx, ga);
   EXPECT_LT(rel_error(ga, a), 1e-6);
@@ -153,8 +158,7 @@ TEST(Cuda, PoolingElementwiseLinearLossAndSgd) {
          ldy = random({5, 10}, 18);
   Tensor ly({5, 10}), ldx({5, 33}), ldw = random({10, 33}, 19), ldb = random({10}, 20);
   Tensor glx = lx.to(kGpu), glw = lw.to(kGpu), glb = lb.to(kGpu), gldy = ldy.to(kGpu),
-         gly({5, 10}, DType::F32, kGpu), gldx({5, 33}, DType::F32, kGpu), gldw = ldw.to(kGpu),
-         gldb = ldb.to(kGpu);
+         gly = out({5, 10}), gldx = out({5, 33}), gldw = ldw.to(kGpu), gldb = ldb.to(kGpu);
   linear_forward(lx, lw, lb, ly);
   linear_forward(glx, glw, glb, gly);
   EXPECT_LT(rel_error(gly, ly), 1e-6);
@@ -166,7 +170,7 @@ TEST(Cuda, PoolingElementwiseLinearLossAndSgd) {
   // Softmax cross-entropy: loss, hits and gradient.
   Tensor z = random({7, 1000}, 21, 3.0f), t({7}, DType::I64);
   for (int64_t n = 0; n < 7; ++n) t.data<int64_t>()[n] = (n * 137) % 1000;
-  Tensor dz({7, 1000}), gz = z.to(kGpu), gt = t.to(kGpu), gdz({7, 1000}, DType::F32, kGpu);
+  Tensor dz({7, 1000}), gz = z.to(kGpu), gt = t.to(kGpu), gdz = out({7, 1000});
   int64_t hits = -1, ghits = -2;
   const float loss = softmax_cross_entropy(z, t, &dz, 2.0f, &hits);
   const float gloss = softmax_cross_entropy(gz, gt, &gdz, 2.0f, &ghits);
@@ -178,7 +182,7 @@ TEST(Cuda, PoolingElementwiseLinearLossAndSgd) {
   // SGD with momentum, weight decay and Nesterov, first step and later.
   for (bool nesterov : {false, true}) {
     Tensor p = random({300}, 22), g = random({300}, 23), buf({300});
-    Tensor gp = p.to(kGpu), gg = g.to(kGpu), gbuf({300}, DType::F32, kGpu);
+    Tensor gp = p.to(kGpu), gg = g.to(kGpu), gbuf = out({300});
     const SgdParams h{0.1f, 0.9f, 0.0f, 5e-4f, nesterov};
     for (bool first : {true, false, false}) {
       sgd_step(p, g, buf, h, first);

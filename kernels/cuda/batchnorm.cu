@@ -107,6 +107,7 @@ __global__ void backward_data(const float* dy, const float* x, const float* mean
 
 void batchnorm_stats(const Tensor& x, Tensor& mean, Tensor& var) {
   const Dims d = dims(x);
+  check_operands("batchnorm_stats", {&x, &mean, &var});
   DPT_CUDA(cudaSetDevice(x.device().index));
   stats<<<unsigned(d.C), kReduceThreads, 0, cudaStreamPerThread>>>(
       x.data<float>(), mean.data<float>(), var.data<float>(), d);
@@ -116,6 +117,7 @@ void batchnorm_stats(const Tensor& x, Tensor& mean, Tensor& var) {
 void batchnorm_forward(const Tensor& x, const Tensor& mean, const Tensor& var, const Tensor& gamma,
                        const Tensor& beta, float eps, Tensor& y) {
   const Dims d = dims(x);
+  check_operands("batchnorm_forward", {&x, &mean, &var, &gamma, &beta, &y});
   DPT_CUDA(cudaSetDevice(x.device().index));
   normalize<<<blocks_for(d.N * d.C * d.P), kThreads, 0, cudaStreamPerThread>>>(
       x.data<float>(), mean.data<float>(), var.data<float>(), gamma.data<float>(),
@@ -125,7 +127,7 @@ void batchnorm_forward(const Tensor& x, const Tensor& mean, const Tensor& var, c
 
 void batchnorm_update_running(Tensor& running_mean, Tensor& running_var, const Tensor& mean,
                               const Tensor& var, int64_t count, float momentum) {
-  check_f32_cuda(running_mean, "running_mean");
+  check_operands("batchnorm_update_running", {&running_mean, &running_var, &mean, &var});
   const double unbias = count > 1 ? double(count) / double(count - 1) : 1.0;
   DPT_CUDA(cudaSetDevice(running_mean.device().index));
   running<<<blocks_for(mean.numel()), kThreads, 0, cudaStreamPerThread>>>(
@@ -137,6 +139,7 @@ void batchnorm_update_running(Tensor& running_mean, Tensor& running_var, const T
 void batchnorm_backward_reduce(const Tensor& dy, const Tensor& x, const Tensor& mean,
                                const Tensor& var, float eps, Tensor& sum_dy, Tensor& sum_dy_xhat) {
   const Dims d = dims(x);
+  check_operands("batchnorm_backward_reduce", {&x, &dy, &mean, &var, &sum_dy, &sum_dy_xhat});
   DPT_CUDA(cudaSetDevice(x.device().index));
   backward_reduce<<<unsigned(d.C), kReduceThreads, 0, cudaStreamPerThread>>>(
       dy.data<float>(), x.data<float>(), mean.data<float>(), var.data<float>(), eps,
@@ -148,6 +151,8 @@ void batchnorm_backward_data(const Tensor& dy, const Tensor& x, const Tensor& me
                              const Tensor& var, const Tensor& gamma, const Tensor& sum_dy,
                              const Tensor& sum_dy_xhat, float eps, int64_t count, Tensor& dx) {
   const Dims d = dims(x);
+  check_operands("batchnorm_backward_data",
+                 {&x, &dy, &mean, &var, &gamma, &sum_dy, &sum_dy_xhat, &dx});
   DPT_CUDA(cudaSetDevice(x.device().index));
   backward_data<<<blocks_for(d.N * d.C * d.P), kThreads, 0, cudaStreamPerThread>>>(
       dy.data<float>(), x.data<float>(), mean.data<float>(), var.data<float>(), gamma.data<float>(),

@@ -11,6 +11,7 @@
 #include <cudnn.h>
 
 #include <cstdint>
+#include <initializer_list>
 
 #include "core/cuda_check.h"
 #include "core/tensor.h"
@@ -51,6 +52,15 @@ void check_launch(const char* what);
 inline void check_f32_cuda(const Tensor& t, const char* what) {
   DPT_ASSERT(t.defined() && t.dtype() == DType::F32 && t.device().is_cuda(), what,
              " must be a defined float32 cuda tensor");
+}
+// Every operand a float32 tensor on the first one's device.
+inline void check_operands(const char* op, std::initializer_list<const Tensor*> ts) {
+  const Tensor* first = *ts.begin();
+  for (const Tensor* t : ts) {
+    check_f32_cuda(*t, op);
+    DPT_ASSERT(t->device() == first->device(), op, ": operands on ", first->device().str(), " and ",
+               t->device().str());
+  }
 }
 
 }  // namespace dpt::cuda

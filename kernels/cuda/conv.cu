@@ -52,10 +52,13 @@ Key key_of(const Tensor& x, const Tensor& w, const Conv2dParams& p) {
           w.dim(0),         w.dim(2), w.dim(3), p.stride, p.pad};
 }
 
+// The algorithm of each direction, chosen when first needed (the stem never needs
+// backward-data), with its workspace size.
 struct Algos {
-  cudnnConvolutionFwdAlgo_t fwd;
-  cudnnConvolutionBwdDataAlgo_t bwd_data;
-  cudnnConvolutionBwdFilterAlgo_t bwd_filter;
+  bool have_fwd = false, have_data = false, have_filter = false;
+  cudnnConvolutionFwdAlgo_t fwd{};
+  cudnnConvolutionBwdDataAlgo_t bwd_data{};
+  cudnnConvolutionBwdFilterAlgo_t bwd_filter{};
   size_t fwd_ws = 0, data_ws = 0, filter_ws = 0;
 };
 
@@ -68,31 +71,44 @@ const Perf& pick(const std::vector<Perf>& perf, int n, const char* what) {
   DPT_THROW(DeviceError, "cuDNN offers no ", what, " algorithm for this convolution");
 }
 
-const Algos& algos_for(cudnnHandle_t h, const Descriptors& d, const Key& key) {
+Algos& algos_for(const Key& key) {
   thread_local std::map<Key, Algos> cache;
-  auto it = cache.find(key);
-  if (it != cache.end()) return it->second;
-  Algos a{};
+  return cache[key];
+}
+
+void choose_fwd(cudnnHandle_t h, const Descriptors& d, Algos& a) {
+  if (a.have_fwd) return;
   int n = 0;
   std::vector<cudnnConvolutionFwdAlgoPerf_t> f(CUDNN_CONVOLUTION_FWD_ALGO_COUNT);
   DPT_CUDNN(cudnnGetConvolutionForwardAlgorithm_v7(h, d.x, d.w, d.conv, d.y, int(f.size()), &n,
                                                    f.data()));
-  const auto& fp = pick(f, n, "forward");
-  a.fwd = fp.algo;
-  a.fwd_ws = fp.memory;
-  std::vector<cudnnConvolutionBwdDataAlgoPerf_t> bd(CUDNN_CONVOLUTION_BWD_DATA_ALGO_COUNT);
-  DPT_CUDNN(cudnnGetConvolutionBackwardDataAlgorithm_v7(h, d.w, d.y, d.conv, d.x, int(bd.size()),
-                                                        &n, bd.data()));
-  const auto& bdp = pick(bd, n, "backward-data");
-  a.bwd_data = bdp.algo;
-  a.data_ws = bdp.memory;
-  std::vector<cudnnConvolutionBwdFilterAlgoPerf_t> bf(CUDNN_CONVOLUTION_BWD_FILTER_ALGO_COUNT);
-  DPT_CUDNN(cudnnGetConvolutionBackwardFilterAlgorithm_v7(h, d.x, d.y, d.conv, d.w, int(bf.size()),
-                                                          &n, bf.data()));
-  const auto& bfp = pick(bf, n, "backward-filter");
-  a.bwd_filter = bfp.algo;
-  a.filter_ws = bfp.memory;
-  return cache.emplace(key, a).first->second;
+  a.fwd = pick(f, n, "forward").algo;
+  DPT_CUDNN(cudnnGetConvolutionForwardWorkspaceSize(h, d.x, d.w, d.conv, d.y, a.fwd, &a.fwd_ws));
+  a.have_fwd = true;
+}
+
+void choose_data(cudnnHandle_t h, const Descriptors& d, Algos& a) {
+  if (a.have_data) return;
+  int n = 0;
+  std::vector<cudnnConvolutionBwdDataAlgoPerf_t> f(CUDNN_CONVOLUTION_BWD_DATA_ALGO_COUNT);
+  DPT_CUDNN(cudnnGetConvolutionBackwardDataAlgorithm_v7(h, d.w, d.y, d.conv, d.x, int(f.size()), &n,
+                                                        f.data()));
+  a.bwd_data = pick(f, n, "backward-data").algo;
+  DPT_CUDNN(cudnnGetConvolutionBackwardDataWorkspaceSize(h, d.w, d.y, d.conv, d.x, a.bwd_data,
+                                                         &a.data_ws));
+  a.have_data = true;
+}
+
+void choose_filter(cudnnHandle_t h, const Descriptors& d, Algos& a) {
+  if (a.have_filter) return;
+  int n = 0;
+  std::vector<cudnnConvolutionBwdFilterAlgoPerf_t> f(CUDNN_CONVOLUTION_BWD_FILTER_ALGO_COUNT);
+  DPT_CUDNN(cudnnGetConvolutionBackwardFilterAlgorithm_v7(h, d.x, d.y, d.conv, d.w, int(f.size()),
+                                                          &n, f.data()));
+  a.bwd_filter = pick(f, n, "backward-filter").algo;
+  DPT_CUDNN(cudnnGetConvolutionBackwardFilterWorkspaceSize(h, d.x, d.y, d.conv, d.w, a.bwd_filter,
+                                                           &a.filter_ws));
+  a.have_filter = true;
 }
 
 // This thread's workspace on device dev, at least `bytes` long.
@@ -108,10 +124,11 @@ void* workspace(int dev, size_t bytes) {
 }  // namespace
 
 void conv2d_forward(const Tensor& x, const Tensor& w, Tensor& y, const Conv2dParams& p) {
-  check_f32_cuda(x, "conv x");
+  check_operands("conv2d_forward", {&x, &w, &y});
   Handles& h = handles_for(x);
   const Descriptors d(x, w, y, p);
-  const Algos& a = algos_for(h.cudnn, d, key_of(x, w, p));
+  Algos& a = algos_for(key_of(x, w, p));
+  choose_fwd(h.cudnn, d, a);
   const float one = 1.0f, zero = 0.0f;
   DPT_CUDNN(cudnnConvolutionForward(h.cudnn, &one, d.x, x.raw(), d.w, w.raw(), d.conv, a.fwd,
                                     workspace(x.device().index, a.fwd_ws), a.fwd_ws, &zero, d.y,
@@ -120,19 +137,22 @@ void conv2d_forward(const Tensor& x, const Tensor& w, Tensor& y, const Conv2dPar
 
 void conv2d_backward(const Tensor& dy, const Tensor& x, const Tensor& w, Tensor* dx, Tensor& dw,
                      const Conv2dParams& p) {
-  check_f32_cuda(x, "conv x");
+  check_operands("conv2d_backward", {&x, &dy, &w, &dw});
+  if (dx) check_operands("conv2d_backward", {&x, dx});
   Handles& h = handles_for(x);
   const Descriptors d(x, w, dy, p);
-  const Algos& a = algos_for(h.cudnn, d, key_of(x, w, p));
+  Algos& a = algos_for(key_of(x, w, p));
   const float one = 1.0f, zero = 0.0f;
   const int dev = x.device().index;
+  choose_filter(h.cudnn, d, a);
   DPT_CUDNN(cudnnConvolutionBackwardFilter(h.cudnn, &one, d.x, x.raw(), d.y, dy.raw(), d.conv,
                                            a.bwd_filter, workspace(dev, a.filter_ws), a.filter_ws,
                                            &one, d.w, dw.raw()));
-  if (dx)
-    DPT_CUDNN(cudnnConvolutionBackwardData(h.cudnn, &one, d.w, w.raw(), d.y, dy.raw(), d.conv,
-                                           a.bwd_data, workspace(dev, a.data_ws), a.data_ws, &zero,
-                                           d.x, dx->raw()));
+  if (!dx) return;
+  choose_data(h.cudnn, d, a);
+  DPT_CUDNN(cudnnConvolutionBackwardData(h.cudnn, &one, d.w, w.raw(), d.y, dy.raw(), d.conv,
+                                         a.bwd_data, workspace(dev, a.data_ws), a.data_ws, &zero,
+                                         d.x, dx->raw()));
 }
 
 }  // namespace dpt::cuda

@@ -22,8 +22,9 @@ __global__ void each(float* y, const float* x, int64_t n) {
 template <Op op>
 void run(Tensor& y, const Tensor* x, const char* name) {
   check_f32_cuda(y, name);
-  DPT_ASSERT(!x || (x->numel() == y.numel() && x->device() == y.device()), name, ": ",
-             shape_str(y.shape()), " vs ", x ? shape_str(x->shape()) : "");
+  if (x) check_operands(name, {&y, x});
+  DPT_ASSERT(!x || x->numel() == y.numel(), name, ": ", shape_str(y.shape()), " vs ",
+             x ? shape_str(x->shape()) : "");
   const int64_t n = y.numel();
   if (n == 0) return;
   DPT_CUDA(cudaSetDevice(y.device().index));

@@ -27,7 +27,7 @@ __global__ void sum_rows(const float* dy, float* db, int64_t N, int64_t O) {
 }  // namespace
 
 void linear_forward(const Tensor& x, const Tensor& w, const Tensor& b, Tensor& y) {
-  check_f32_cuda(x, "linear x");
+  check_operands("linear_forward", {&x, &w, &b, &y});
   const int64_t N = x.dim(0), I = x.dim(1), O = w.dim(0);
   DPT_ASSERT(w.dim(1) == I && b.numel() == O && y.shape() == Shape({N, O}), "linear: shapes");
   Handles& h = handles_for(x);
@@ -43,7 +43,8 @@ void linear_forward(const Tensor& x, const Tensor& w, const Tensor& b, Tensor& y
 
 void linear_backward(const Tensor& dy, const Tensor& x, const Tensor& w, Tensor* dx, Tensor& dw,
                      Tensor& db) {
-  check_f32_cuda(dy, "linear dy");
+  check_operands("linear_backward", {&x, &dy, &w, &dw, &db});
+  if (dx) check_operands("linear_backward", {&x, dx});
   const int64_t N = x.dim(0), I = x.dim(1), O = w.dim(0);
   Handles& h = handles_for(x);
   const float one = 1.0f, zero = 0.0f;

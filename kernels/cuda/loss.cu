@@ -1,5 +1,6 @@
 // CUDA softmax cross-entropy (math in kernels/loss.h): one block per row, log-sum-exp in double
 // as on the CPU; the per-row losses and hits are summed on the host after one copy.
+#include <cmath>
 #include <vector>
 
 #include "kernels/cuda/common.h"
@@ -82,6 +83,11 @@ float softmax_cross_entropy(const Tensor& logits, const Tensor& targets, Tensor*
              "cross entropy: logits ", shape_str(logits.shape()), " vs targets ",
              shape_str(targets.shape()));
   const int64_t N = logits.dim(0), K = logits.dim(1);
+  if (N == 0) {  // as the CPU engine: a mean over no rows
+    if (correct) *correct = 0;
+    return std::nanf("");
+  }
+  if (dlogits) check_operands("softmax_cross_entropy", {&logits, dlogits});
   const Tensor host_t = targets.to(Device::cpu());  // labels are checked before any kernel
   for (int64_t n = 0; n < N; ++n) {
     const int64_t v = host_t.data<int64_t>()[n];

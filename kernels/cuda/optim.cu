@@ -14,7 +14,8 @@ __global__ void sgd(float* p, const float* grad, float* buf, int64_t n, SgdParam
 }  // namespace
 
 void sgd_step(Tensor& p, const Tensor& grad, Tensor& buf, const SgdParams& h, bool first_step) {
-  check_f32_cuda(p, "sgd parameter");
+  check_operands("sgd_step", {&p, &grad});
+  if (h.momentum != 0) check_operands("sgd_step", {&p, &buf});
   DPT_ASSERT(grad.numel() == p.numel(), "sgd: grad shape");
   const int64_t n = p.numel();
   if (n == 0) return;

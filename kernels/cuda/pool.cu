@@ -46,15 +46,16 @@ __global__ void maxpool_bwd(const float* dy, const float* x, float* dx, int64_t 
   }
 }
 
-// One warp per plane: y[q] = mean of its P values.
+// One warp per plane (grid-stride over planes, warp-uniform): y[q] = mean of its P values.
 __global__ void avgpool_fwd(const float* x, float* y, int64_t NC, int64_t P) {
-  const int64_t q = (int64_t(blockIdx.x) * blockDim.x + threadIdx.x) / 32;
   const int lane = threadIdx.x % 32;
-  if (q >= NC) return;
-  float s = 0;
-  for (int64_t i = lane; i < P; i += 32) s += x[q * P + i];
-  for (int off = 16; off > 0; off /= 2) s += __shfl_down_sync(0xffffffffu, s, off);
-  if (lane == 0) y[q] = s / float(P);
+  for (int64_t q = (int64_t(blockIdx.x) * blockDim.x + threadIdx.x) / 32; q < NC;
+       q += int64_t(gridDim.x) * blockDim.x / 32) {
+    float s = 0;
+    for (int64_t i = lane; i < P; i += 32) s += x[q * P + i];
+    for (int off = 16; off > 0; off /= 2) s += __shfl_down_sync(0xffffffffu, s, off);
+    if (lane == 0) y[q] = s / float(P);
+  }
 }
 
 __global__ void avgpool_bwd(const float* dy, float* dx, int64_t NC, int64_t P) {
@@ -67,6 +68,7 @@ __global__ void avgpool_bwd(const float* dy, float* dx, int64_t NC, int64_t P) {
 
 void maxpool2d_forward(const Tensor& x, Tensor& y, const PoolParams& p) {
   check_f32_cuda(x, "maxpool x");
+  check_f32_cuda(y, "maxpool y");
   const int64_t NC = x.dim(0) * x.dim(1), Ho = y.dim(2), Wo = y.dim(3);
   DPT_CUDA(cudaSetDevice(x.device().index));
   maxpool_fwd<<<blocks_for(NC * Ho * Wo), kThreads, 0, cudaStreamPerThread>>>(
@@ -76,6 +78,8 @@ void maxpool2d_forward(const Tensor& x, Tensor& y, const PoolParams& p) {
 
 void maxpool2d_backward(const Tensor& dy, const Tensor& x, Tensor& dx, const PoolParams& p) {
   check_f32_cuda(x, "maxpool x");
+  check_f32_cuda(dy, "maxpool dy");
+  check_f32_cuda(dx, "maxpool dx");
   const int64_t NC = x.dim(0) * x.dim(1), Ho = dy.dim(2), Wo = dy.dim(3);
   DPT_CUDA(cudaSetDevice(x.device().index));
   DPT_CUDA(cudaMemsetAsync(dx.data<float>(), 0, dx.nbytes(), cudaStreamPerThread));
@@ -86,6 +90,7 @@ void maxpool2d_backward(const Tensor& dy, const Tensor& x, Tensor& dx, const Poo
 
 void global_avgpool_forward(const Tensor& x, Tensor& y) {
   check_f32_cuda(x, "avgpool x");
+  check_f32_cuda(y, "avgpool y");
   const int64_t NC = x.dim(0) * x.dim(1), P = x.dim(2) * x.dim(3);
   DPT_CUDA(cudaSetDevice(x.device().index));
   avgpool_fwd<<<blocks_for(NC * 32), kThreads, 0, cudaStreamPerThread>>>(x.data<float>(),
@@ -95,6 +100,7 @@ void global_avgpool_forward(const Tensor& x, Tensor& y) {
 
 void global_avgpool_backward(const Tensor& dy, Tensor& dx) {
   check_f32_cuda(dx, "avgpool dx");
+  check_f32_cuda(dy, "avgpool dy");
   const int64_t NC = dx.dim(0) * dx.dim(1), P = dx.dim(2) * dx.dim(3);
   DPT_CUDA(cudaSetDevice(dx.device().index));
   avgpool_bwd<<<blocks_for(NC * P), kThreads, 0, cudaStreamPerThread>>>(dy.data<float>(),
