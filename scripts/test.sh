@@ -24,3 +24,10 @@ build-asan/tests/test_data --gtest_brief=1
 build-asan/tests/test_images --gtest_brief=1 --gtest_filter='-*TrainingResumes*:*Mpi*'
 build-asan/tests/test_checkpoint --gtest_brief=1 \
   --gtest_filter='*RoundTrip*:*Corrupt*:*FailedSaves*:*DiskFull*:*Strictness*'
+
+echo "== ThreadSanitizer run of the data loader (worker pool, prefetch, sharding)"
+cmake -S . -B build-tsan -G Ninja -DCMAKE_BUILD_TYPE=Release -DDPTRAIN_SANITIZE=thread \
+  -DDPTRAIN_CUDA=OFF -DDPTRAIN_BENCHMARKS=OFF >/dev/null
+cmake --build build-tsan --target test_data
+# One OpenMP thread: Debian's libgomp is not instrumented. A report fails the run (exit 66).
+OMP_NUM_THREADS=1 TSAN_OPTIONS=halt_on_error=1 build-tsan/tests/test_data --gtest_brief=1
