@@ -4,11 +4,14 @@
 // listing, decoding, random resized crop and Resize + CenterCrop must equal them byte for byte.
 // Without the oracle those tests skip with the reason; the CIFAR tests need nothing.
 #include <gtest/gtest.h>
+#include <unistd.h>
 
 #include <cmath>
 #include <cstdlib>
 #include <filesystem>
 #include <fstream>
+#include <functional>
+#include <iterator>
 #include <nlohmann/json.hpp>
 
 #include "core/error.h"
@@ -29,7 +32,8 @@ struct Oracle {
   json j;
 };
 
-// Made once per test binary run.
+// Made once and shared by the test processes (CTest runs each test in its own): the directory
+// is named after the oracle script's contents, written under a temporary name and renamed.
 const Oracle& oracle() {
   static const Oracle o = [] {
     Oracle m;
@@ -37,11 +41,20 @@ const Oracle& oracle() {
       m.skip = "Debian's python3-torchvision / python3-pil are not installed";
       return m;
     }
-    m.dir = ::testing::TempDir() + "/image-oracle";
-    fs::remove_all(m.dir);
-    if (std::system(("/usr/bin/python3 " + kOracle + " make " + m.dir).c_str()) != 0) {
-      m.skip = "image_oracle.py make failed";
-      return m;
+    std::ifstream script(kOracle);
+    const std::string text((std::istreambuf_iterator<char>(script)), {});
+    m.dir =
+        ::testing::TempDir() + "/image-oracle-" + std::to_string(std::hash<std::string>()(text));
+    if (!fs::exists(m.dir + "/oracle.json")) {
+      const std::string tmp = m.dir + ".tmp-" + std::to_string(getpid());
+      fs::remove_all(tmp);
+      if (std::system(("/usr/bin/python3 " + kOracle + " make " + tmp).c_str()) != 0) {
+        m.skip = "image_oracle.py make failed";
+        return m;
+      }
+      std::error_code ec;
+      fs::rename(tmp, m.dir, ec);  // another process may have won: then its copy is used
+      if (ec) fs::remove_all(tmp);
     }
     std::ifstream in(m.dir + "/oracle.json");
     m.j = json::parse(in);

@@ -1,5 +1,9 @@
-// Per-thread, per-device cuDNN and cuBLAS handles bound to the per-thread default stream.
+// cuBLAS loaded on first use, and per-thread, per-device cuDNN and cuBLAS handles bound to the
+// per-thread default stream.
+#include <dlfcn.h>
+
 #include <memory>
+#include <string>
 #include <vector>
 
 #include "kernels/cuda/common.h"
@@ -11,11 +15,36 @@ struct HandleSet {
   Handles h;
   ~HandleSet() {  // at thread exit; the CUDA context may already be gone, so nothing is checked
     if (h.cudnn) cudnnDestroy(h.cudnn);
-    if (h.cublas) cublasDestroy(h.cublas);
+    if (h.cublas) cublas().destroy(h.cublas);
   }
 };
 
+template <typename F>
+void bind(void* lib, const char* name, F& fn) {
+  fn = reinterpret_cast<F>(dlsym(lib, name));
+  DPT_CHECK(fn, DeviceError, "libcublas.so.", CUBLAS_VER_MAJOR, " has no ", name, ": ", dlerror());
+}
+
 }  // namespace
+
+const CublasApi& cublas() {
+  static const CublasApi api = [] {
+    const std::string name = "libcublas.so." + std::to_string(CUBLAS_VER_MAJOR);
+    void* lib = dlopen(name.c_str(), RTLD_NOW | RTLD_LOCAL);
+    DPT_CHECK(lib, DeviceError, "cannot load ", name,
+              " (cuBLAS, for linear layers on GPUs): ", dlerror(),
+              "; put its directory on LD_LIBRARY_PATH");
+    CublasApi a{};
+    bind(lib, "cublasCreate_v2", a.create);
+    bind(lib, "cublasDestroy_v2", a.destroy);
+    bind(lib, "cublasSetStream_v2", a.set_stream);
+    bind(lib, "cublasSetMathMode", a.set_math_mode);
+    bind(lib, "cublasSgemm_v2", a.sgemm);
+    bind(lib, "cublasGetStatusString", a.status_string);
+    return a;  // the library stays loaded for the life of the process
+  }();
+  return api;
+}
 
 Handles& handles_for(const Tensor& t) {
   const int dev = t.device().index;
@@ -27,10 +56,10 @@ Handles& handles_for(const Tensor& t) {
     auto fresh = std::make_unique<HandleSet>();
     DPT_CUDNN(cudnnCreate(&fresh->h.cudnn));
     DPT_CUDNN(cudnnSetStream(fresh->h.cudnn, cudaStreamPerThread));
-    DPT_CUBLAS(cublasCreate(&fresh->h.cublas));
-    DPT_CUBLAS(cublasSetStream(fresh->h.cublas, cudaStreamPerThread));
+    DPT_CUBLAS(cublas().create(&fresh->h.cublas));
+    DPT_CUBLAS(cublas().set_stream(fresh->h.cublas, cudaStreamPerThread));
     // fp32 stays fp32 (no TF32) unless a precision mode asks for it.
-    DPT_CUBLAS(cublasSetMathMode(fresh->h.cublas, CUBLAS_PEDANTIC_MATH));
+    DPT_CUBLAS(cublas().set_math_mode(fresh->h.cublas, CUBLAS_PEDANTIC_MATH));
     s = std::move(fresh);
   }
   return s->h;

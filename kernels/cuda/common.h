@@ -1,5 +1,5 @@
 // Shared pieces of the CUDA backend: checking macros for cuDNN and cuBLAS (DPT_CUDA is in
-// core/cuda_check.h), the library handles and launch geometry.
+// core/cuda_check.h), cuBLAS loaded on first use, the library handles and launch geometry.
 //
 // Every op runs on the calling thread's per-thread default stream (cudaStreamPerThread) of the
 // tensor's device. Each thread that runs ops keeps its own cuDNN and cuBLAS handles per device,
@@ -27,10 +27,23 @@
   do {                                                                          \
     const cublasStatus_t dpt_cublas_rc = (call);                                \
     DPT_CHECK(dpt_cublas_rc == CUBLAS_STATUS_SUCCESS, DeviceError, #call, ": ", \
-              cublasGetStatusString(dpt_cublas_rc));                            \
+              ::dpt::cuda::cublas().status_string(dpt_cublas_rc));              \
   } while (0)
 
 namespace dpt::cuda {
+
+// cuBLAS, loaded with dlopen when a GPU first needs it: linking it would make every start of
+// every dptrain binary map and relocate cuBLASLt (about 0.4 s and 200 MB here, GPU or not).
+struct CublasApi {
+  decltype(&cublasCreate) create;
+  decltype(&cublasDestroy) destroy;
+  decltype(&cublasSetStream) set_stream;
+  decltype(&cublasSetMathMode) set_math_mode;
+  decltype(&cublasSgemm) sgemm;
+  decltype(&cublasGetStatusString) status_string;
+};
+// DeviceError naming the library when it cannot be loaded.
+const CublasApi& cublas();
 
 struct Handles {
   cudnnHandle_t cudnn = nullptr;

@@ -36,9 +36,9 @@ void linear_forward(const Tensor& x, const Tensor& w, const Tensor& b, Tensor& y
   check_launch("linear bias");
   const float one = 1.0f;
   // y^T [O, N] = w [O, I] (col-major view: w^T [I, O] transposed) * x^T [I, N]
-  DPT_CUBLAS(cublasSgemm(h.cublas, CUBLAS_OP_T, CUBLAS_OP_N, int(O), int(N), int(I), &one,
-                         w.data<float>(), int(I), x.data<float>(), int(I), &one, y.data<float>(),
-                         int(O)));
+  DPT_CUBLAS(cublas().sgemm(h.cublas, CUBLAS_OP_T, CUBLAS_OP_N, int(O), int(N), int(I), &one,
+                            w.data<float>(), int(I), x.data<float>(), int(I), &one, y.data<float>(),
+                            int(O)));
 }
 
 void linear_backward(const Tensor& dy, const Tensor& x, const Tensor& w, Tensor* dx, Tensor& dw,
@@ -49,17 +49,17 @@ void linear_backward(const Tensor& dy, const Tensor& x, const Tensor& w, Tensor*
   Handles& h = handles_for(x);
   const float one = 1.0f, zero = 0.0f;
   // dw [O, I] += dy^T [O, N] x [N, I]; column-major: dw^T [I, O] += x^T [I, N] * dy [N, O]
-  DPT_CUBLAS(cublasSgemm(h.cublas, CUBLAS_OP_N, CUBLAS_OP_T, int(I), int(O), int(N), &one,
-                         x.data<float>(), int(I), dy.data<float>(), int(O), &one, dw.data<float>(),
-                         int(I)));
+  DPT_CUBLAS(cublas().sgemm(h.cublas, CUBLAS_OP_N, CUBLAS_OP_T, int(I), int(O), int(N), &one,
+                            x.data<float>(), int(I), dy.data<float>(), int(O), &one,
+                            dw.data<float>(), int(I)));
   sum_rows<<<blocks_for(O), kThreads, 0, cudaStreamPerThread>>>(dy.data<float>(), db.data<float>(),
                                                                 N, O);
   check_launch("linear db");
   // dx [N, I] = dy [N, O] w [O, I]; column-major: dx^T [I, N] = w^T [I, O] * dy^T [O, N]
   if (dx)
-    DPT_CUBLAS(cublasSgemm(h.cublas, CUBLAS_OP_N, CUBLAS_OP_N, int(I), int(N), int(O), &one,
-                           w.data<float>(), int(I), dy.data<float>(), int(O), &zero,
-                           dx->data<float>(), int(I)));
+    DPT_CUBLAS(cublas().sgemm(h.cublas, CUBLAS_OP_N, CUBLAS_OP_N, int(I), int(N), int(O), &one,
+                              w.data<float>(), int(I), dy.data<float>(), int(O), &zero,
+                              dx->data<float>(), int(I)));
 }
 
 }  // namespace dpt::cuda
