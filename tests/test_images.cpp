@@ -382,6 +382,23 @@ TEST(Cifar, BadFilesAreNamed) {
             std::string::npos);
 }
 
+namespace {
+
+// `dptrain ckpt diff` of two checkpoints: the largest |a - b|; both must hold the same keys.
+double checkpoint_diff(const std::string& a, const std::string& b) {
+  const std::string out = a + ".diff.json";
+  EXPECT_EQ(std::system((std::string(DPT_BINARY_DIR) + "/dptrain ckpt diff --json " + a + " " + b +
+                         " >" + out)
+                            .c_str()),
+            0);
+  std::ifstream in(out);
+  const json d = json::parse(in);
+  EXPECT_TRUE(d.at("only_in_a").empty() && d.at("only_in_b").empty());
+  return d.at("max_abs_diff").get<double>();
+}
+
+}  // namespace
+
 // Training on an image folder resumes bit for bit: same sample order, same random crops.
 TEST(ImageFolder, TrainingResumesExactly) {
   NEED_ORACLE();
@@ -401,15 +418,7 @@ TEST(ImageFolder, TrainingResumesExactly) {
   ASSERT_TRUE(fs::exists(dir + "/full-step4.h5"));
   fs::copy_file(dir + "/full-step4.h5", dir + "/resumed.h5");
   ASSERT_EQ(train(dir + "/resumed.h5", "--resume " + dir + "/resumed.h5"), 0);
-  const std::string out = dir + "/diff.json";
-  ASSERT_EQ(
-      std::system(
-          (bin + " ckpt diff --json " + dir + "/full.h5 " + dir + "/resumed.h5 >" + out).c_str()),
-      0);
-  std::ifstream in(out);
-  const json d = json::parse(in);
-  EXPECT_EQ(d.at("max_abs_diff").get<double>(), 0.0);
-  EXPECT_TRUE(d.at("only_in_a").empty() && d.at("only_in_b").empty());
+  EXPECT_EQ(checkpoint_diff(dir + "/full.h5", dir + "/resumed.h5"), 0.0);
 }
 
 // Under mpirun each process decodes only its rows of every batch; the job must train exactly as
@@ -433,13 +442,5 @@ TEST(ImageFolder, MpiProcessesDecodeTheirShareAndTrainAsOne) {
   ASSERT_EQ(std::system(
                 (bin + args + dir + "/threads.h5 --devices cpu*2 2>/dev/null >/dev/null").c_str()),
             0);
-  const std::string out = dir + "/diff.json";
-  ASSERT_EQ(
-      std::system(
-          (bin + " ckpt diff --json " + dir + "/mpi.h5 " + dir + "/threads.h5 >" + out).c_str()),
-      0);
-  std::ifstream in(out);
-  const json d = json::parse(in);
-  EXPECT_LT(d.at("max_abs_diff").get<double>(), 1e-4);
-  EXPECT_TRUE(d.at("only_in_a").empty() && d.at("only_in_b").empty());
+  EXPECT_LT(checkpoint_diff(dir + "/mpi.h5", dir + "/threads.h5"), 1e-4);
 }
