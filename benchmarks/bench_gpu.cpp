@@ -1,9 +1,11 @@
 // One-GPU training throughput of a ResNet at 224x224, fp32 (TF32 off): forward, cross-entropy,
 // backward and SGD with momentum on cuda:0, batch B, S timed steps after 3 warm-up steps.
-// Prints {"images_per_second": R, "peak_bytes": M, "step_ms": T}; peak_bytes is the most device
-// memory in use (cudaMemGetInfo, the CUDA context excluded; weights, input, activations, cuDNN
-// workspaces and library handles included) seen after a forward, a backward or a step of the
-// warm-up. Driven by gpu_step.py, which times torchvision's model the same way beside it
+// Prints {"images_per_second", "step_ms", "peak_bytes", "peak_reserved_bytes", "device_bytes"}:
+// peak_bytes and peak_reserved_bytes are the caching allocator's peaks over the timed steps
+// (blocks handed out to tensors, and held from the driver), the figures PyTorch reports as
+// max_memory_allocated and max_memory_reserved; device_bytes is the most device memory in use
+// (cudaMemGetInfo less the CUDA context: cuDNN workspaces and library handles included) seen in
+// the warm-up. Driven by gpu_step.py, which times torchvision's model the same way beside it
 // (scripts/gpu-check.sh).
 //
 //   bench_gpu MODEL BATCH STEPS
@@ -14,6 +16,7 @@
 #include <cstdlib>
 #include <nlohmann/json.hpp>
 
+#include "core/allocator.h"
 #include "core/cuda_check.h"
 #include "core/rng.h"
 #include "kernels/loss.h"
@@ -65,13 +68,17 @@ int main(int argc, char** argv) {
       if (measure) sample();
     };
     for (int k = 0; k < 3; ++k) step(true);
+    dpt::cuda_allocator().reset_peak(0);
     const auto t0 = std::chrono::steady_clock::now();
     for (int64_t k = 0; k < steps; ++k) step(false);
     DPT_CUDA(cudaDeviceSynchronize());
     const double s = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+    const dpt::AllocatorStats mem = dpt::cuda_allocator().stats(0);
     std::printf("%s\n", nlohmann::json{{"images_per_second", double(batch * steps) / s},
                                        {"step_ms", 1000 * s / double(steps)},
-                                       {"peak_bytes", peak - baseline}}
+                                       {"peak_bytes", mem.peak_in_use},
+                                       {"peak_reserved_bytes", mem.peak_reserved},
+                                       {"device_bytes", peak - baseline}}
                             .dump()
                             .c_str());
   } catch (const dpt::Error& e) {

@@ -93,16 +93,20 @@ bool device_available(const Device& d, std::string* why) {
   if (d.is_cpu()) return true;
   std::string reason;
   const int n = cuda_device_count(&reason);
-  if (why) {
-    if (n == 0)
-      *why = "device " + d.str() + " is unavailable: " + reason;
-    else if (d.index >= n)
-      *why = "device " + d.str() + " does not exist: " + std::to_string(n) + " GPU(s) visible";
-    else
-      *why = "device " + d.str() +
-             " is unavailable for training: the CUDA kernels exist (and run in the gpu-labelled "
-             "tests) but the trainer, DataParallel and checkpoints do not drive GPUs yet";
+  if (n == 0) {
+    reason = "device " + d.str() + " is unavailable: " + reason;
+  } else if (d.index >= n) {
+    reason = "device " + d.str() + " does not exist: " + std::to_string(n) + " GPU(s) visible";
+  } else {
+#ifdef DPTRAIN_WITH_CUDA
+    return true;
+#else
+    reason = "device " + d.str() +
+             " is unavailable: this build of dptrain has no CUDA kernels (nvcc or cuDNN were not "
+             "found when it was built)";
+#endif
   }
+  if (why) *why = reason;
   return false;
 }
 

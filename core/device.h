@@ -28,8 +28,9 @@ struct Device {
 // every usable GPU or, without one, two CPU devices.
 std::vector<Device> parse_devices(std::string_view list);
 
-// Whether kernels can run on this device in this process. CUDA devices: not yet (the CUDA
-// kernels are issue 5); `why` says whether the build, the driver or the GPU is what is missing.
+// Whether kernels can run on this device in this process: always for CPU devices; for a CUDA
+// device, when this build has the CUDA kernels and the GPU is visible. Otherwise `why` says
+// whether the build, the driver or the GPU is what is missing.
 bool device_available(const Device& d, std::string* why = nullptr);
 
 // GPUs this process can allocate memory on and communicate between (honours

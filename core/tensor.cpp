@@ -1,5 +1,6 @@
 #include "core/tensor.h"
 
+#include "core/allocator.h"
 #include "core/cuda_check.h"
 
 #include <cmath>
@@ -35,12 +36,7 @@ void* device_alloc(const Device& d, size_t bytes) {
     const int n = cuda_device_count(&why);
     DPT_CHECK(d.index < n, DeviceError, "cannot allocate on ", d.str(), ": ",
               n == 0 ? why : std::to_string(n) + " GPU(s) visible");
-#ifdef DPTRAIN_HAVE_CUDA
-    void* p = nullptr;
-    DPT_CUDA(cudaSetDevice(d.index));
-    if (bytes) DPT_CUDA(cudaMalloc(&p, bytes));
-    return p;
-#endif
+    return cuda_allocator().allocate(d.index, bytes);
   }
   if (bytes == 0) return nullptr;
   size_t rounded = (bytes + 63) / 64 * 64;
@@ -50,13 +46,10 @@ void* device_alloc(const Device& d, size_t bytes) {
 }
 
 void device_free(const Device& d, void* p, size_t) noexcept {
-#ifdef DPTRAIN_HAVE_CUDA
   if (d.is_cuda()) {
-    if (p && cudaSetDevice(d.index) == cudaSuccess) cudaFree(p);
+    if (p) cuda_allocator().deallocate(d.index, p);
     return;
   }
-#endif
-  (void)d;
   std::free(p);
 }
 

@@ -12,6 +12,7 @@
 #include <sys/stat.h>
 #include <sys/statvfs.h>
 #include <unistd.h>
+#include <xxhash.h>
 
 #include <algorithm>
 #include <array>
@@ -21,8 +22,8 @@
 #include <ctime>
 #include <filesystem>
 #include <functional>
+#include <optional>
 #include <set>
-#include <thread>
 
 namespace dpt {
 
@@ -34,92 +35,103 @@ constexpr const char* kFormat = "dptrain-checkpoint";
 constexpr int64_t kFormatVersion = 1;
 constexpr size_t kUserBlock = 512;
 constexpr char kMagic[16] = {'D', 'P', 'T', 'R', 'A', 'I', 'N', '-',
-                             'C', 'K', 'P', 'T', '-', 'V', '1', '\n'};
+                             'C', 'K', 'P', 'T', '-', 'V', '2', '\n'};
+constexpr char kMagicV1[16] = {'D', 'P', 'T', 'R', 'A', 'I', 'N', '-',
+                               'C', 'K', 'P', 'T', '-', 'V', '1', '\n'};
 constexpr size_t kDigestAt = 24, kSizeAt = 16;
 constexpr size_t kMaxAttribute = 16 << 20;  // JSON attributes are a few KB
 
-// ---- SHA-256 of the whole file, its digest field taken as zeros ---------------------------------
+// ---- the integrity header: size and digest of the whole file ---------------------------------
 
-// Bytes of the file that are also in memory (tensor data just written): hashed from there.
-struct Span {
-  uint64_t offset;
-  const void* data;
-  size_t bytes;
-};
+// Header versions: V2 (written) keeps an XXH3-128 digest, V1 (read) a SHA-256. Both are computed
+// over the whole file with the 32-byte digest field taken as zeros.
+enum class Digest { Sha256, Xxh3 };
 
-// SHA-256 of the file's bytes in order, the header's digest field taken as zeros. Spans (sorted,
-// disjoint) are hashed from memory; everything else is read from the file in one reused buffer.
-std::array<unsigned char, 32> file_digest(int fd, int64_t size, const std::string& path,
-                                          const std::vector<Span>& spans = {}) {
-  std::unique_ptr<EVP_MD_CTX, void (*)(EVP_MD_CTX*)> ctx(EVP_MD_CTX_new(), EVP_MD_CTX_free);
-  DPT_CHECK(ctx && EVP_DigestInit_ex(ctx.get(), EVP_sha256(), nullptr) == 1, InternalError,
-            "OpenSSL SHA-256 is unavailable");
-  std::vector<unsigned char> buf(size_t(4) << 20);
-  auto from_file = [&](int64_t at, int64_t end) {
-    while (at < end) {
-      const ssize_t n =
-          pread(fd, buf.data(), size_t(std::min<int64_t>(int64_t(buf.size()), end - at)), at);
-      DPT_CHECK(n > 0, FileError, "cannot read ", path, ": ",
-                n == 0 ? "unexpected end" : errno_str());
-      if (at == 0) std::memset(buf.data() + kDigestAt, 0, 32);  // reads start at 0 in one piece
-      EVP_DigestUpdate(ctx.get(), buf.data(), size_t(n));
-      at += n;
-    }
-  };
-  int64_t at = 0;
-  for (const Span& s : spans) {
-    DPT_ASSERT(int64_t(s.offset) >= std::max<int64_t>(at, kUserBlock) &&
-                   int64_t(s.offset + s.bytes) <= size,
-               "digest span out of order");
-    from_file(at, int64_t(s.offset));
-    EVP_DigestUpdate(ctx.get(), s.data, s.bytes);
-    at = int64_t(s.offset + s.bytes);
-  }
-  from_file(at, size);
-  std::array<unsigned char, 32> out{};
-  unsigned int len = 0;
-  EVP_DigestFinal_ex(ctx.get(), out.data(), &len);
-  return out;
+std::optional<Digest> header_digest(const unsigned char* header) {
+  if (std::memcmp(header, kMagic, sizeof kMagic) == 0) return Digest::Xxh3;
+  if (std::memcmp(header, kMagicV1, sizeof kMagicV1) == 0) return Digest::Sha256;
+  return std::nullopt;
 }
 
-// Writes the header (magic, size, digest) into the user block of an open file and flushes it.
-// write_data, when given, writes the spans' bytes to the file while another thread hashes them
-// from memory: the two overlap, and the digest never waits for the disk.
-void seal_fd(int fd, const std::string& path, const std::vector<Span>& spans = {},
-             const std::function<void()>& write_data = nullptr) {
-  struct stat st {};
-  DPT_CHECK(fstat(fd, &st) == 0 && st.st_size > int64_t(kUserBlock), FileError, path,
-            " is too small to be a checkpoint");
+// One of the two digests, fed in order.
+class Hasher {
+ public:
+  explicit Hasher(Digest d)
+      : kind_(d), xxh_(nullptr, XXH3_freeState), sha_(nullptr, EVP_MD_CTX_free) {
+    if (d == Digest::Xxh3) {
+      xxh_.reset(XXH3_createState());
+      DPT_CHECK(xxh_ && XXH3_128bits_reset(xxh_.get()) == XXH_OK, InternalError,
+                "XXH3 is unavailable");
+      return;
+    }
+    sha_.reset(EVP_MD_CTX_new());
+    DPT_CHECK(sha_ && EVP_DigestInit_ex(sha_.get(), EVP_sha256(), nullptr) == 1, InternalError,
+              "OpenSSL SHA-256 is unavailable");
+  }
+  void update(const void* p, size_t n) {
+    if (kind_ == Digest::Xxh3)
+      XXH3_128bits_update(xxh_.get(), p, n);
+    else
+      EVP_DigestUpdate(sha_.get(), p, n);
+  }
+  std::array<unsigned char, 32> final() {
+    std::array<unsigned char, 32> out{};
+    if (kind_ == Digest::Xxh3) {
+      XXH128_canonical_t c;
+      XXH128_canonicalFromHash(&c, XXH3_128bits_digest(xxh_.get()));
+      std::memcpy(out.data(), c.digest, sizeof c.digest);
+    } else {
+      unsigned int len = 0;
+      EVP_DigestFinal_ex(sha_.get(), out.data(), &len);
+    }
+    return out;
+  }
+
+ private:
+  Digest kind_;
+  std::unique_ptr<XXH3_state_t, XXH_errorcode (*)(XXH3_state_t*)> xxh_;
+  std::unique_ptr<EVP_MD_CTX, void (*)(EVP_MD_CTX*)> sha_;
+};
+
+// Digest of the file's bytes in order, the header's digest field taken as zeros.
+std::array<unsigned char, 32> file_digest(Digest kind, int fd, int64_t size,
+                                          const std::string& path) {
+  Hasher h(kind);
+  std::vector<unsigned char> buf(size_t(4) << 20);
+  for (int64_t at = 0; at < size;) {
+    const ssize_t n =
+        pread(fd, buf.data(), size_t(std::min<int64_t>(int64_t(buf.size()), size - at)), at);
+    DPT_CHECK(n > 0, FileError, "cannot read ", path, ": ",
+              n == 0 ? "unexpected end" : errno_str());
+    if (at == 0) std::memset(buf.data() + kDigestAt, 0, 32);  // reads start at 0 in one piece
+    h.update(buf.data(), size_t(n));
+    at += n;
+  }
+  return h.final();
+}
+
+// Writes the header of a `size`-byte file with its digest field zero.
+void write_header(int fd, int64_t size, const std::string& path) {
+  DPT_CHECK(size > int64_t(kUserBlock), FileError, path, " is too small to be a checkpoint");
   std::array<unsigned char, kUserBlock> header{};
   std::memcpy(header.data(), kMagic, sizeof kMagic);
-  const uint64_t size = uint64_t(st.st_size);
-  std::memcpy(header.data() + kSizeAt, &size, 8);  // little-endian hosts only (x86-64, arm64)
-  DPT_CHECK(pwrite(fd, header.data(), header.size(), 0) == ssize_t(header.size()), FileError,
-            "cannot write ", path, ": ", errno_str());
-  std::array<unsigned char, 32> digest{};
-  if (write_data) {
-    std::exception_ptr failed;
-    std::thread hasher([&] {
-      try {
-        digest = file_digest(fd, st.st_size, path, spans);
-      } catch (...) {
-        failed = std::current_exception();
-      }
-    });
-    try {
-      write_data();
-    } catch (...) {
-      hasher.join();
-      throw;
-    }
-    hasher.join();
-    if (failed) std::rethrow_exception(failed);
-  } else {
-    digest = file_digest(fd, st.st_size, path, spans);
-  }
-  DPT_CHECK(pwrite(fd, digest.data(), digest.size(), kDigestAt) == ssize_t(digest.size()),
-            FileError, "cannot write ", path, ": ", errno_str());
+  const uint64_t bytes = uint64_t(size);
+  std::memcpy(header.data() + kSizeAt, &bytes, 8);  // little-endian hosts only (x86-64, arm64)
+  write_at(fd, header.data(), header.size(), 0, path);
+}
+
+// Fills in the digest and flushes the file to disk.
+void finish_seal(int fd, const std::array<unsigned char, 32>& digest, const std::string& path) {
+  write_at(fd, digest.data(), digest.size(), kDigestAt, path);
   DPT_CHECK(fsync(fd) == 0, FileError, "cannot flush ", path, " to disk: ", errno_str());
+}
+
+// (Re)writes the header of a complete file, its digest computed from the file.
+void seal_fd(int fd, const std::string& path) {
+  struct stat st {};
+  DPT_CHECK(fstat(fd, &st) == 0, FileError, "cannot stat ", path, ": ", errno_str());
+  write_header(fd, st.st_size, path);
+  finish_seal(fd, file_digest(Digest::Xxh3, fd, st.st_size, path), path);
 }
 
 // Checks magic, recorded size and digest; returns the file's status for a later unchanged check.
@@ -128,8 +140,9 @@ struct stat verify_fd(int fd, const std::string& path) {
   DPT_CHECK(fstat(fd, &st) == 0 && S_ISREG(st.st_mode), FileError, path, " is not a regular file");
   std::array<unsigned char, kUserBlock> header{};
   const ssize_t n = st.st_size > int64_t(kUserBlock) ? pread(fd, header.data(), kUserBlock, 0) : 0;
-  DPT_CHECK(n == ssize_t(kUserBlock) && std::memcmp(header.data(), kMagic, sizeof kMagic) == 0,
-            FileError, path,
+  const std::optional<Digest> kind =
+      n == ssize_t(kUserBlock) ? header_digest(header.data()) : std::nullopt;
+  DPT_CHECK(kind.has_value(), FileError, path,
             " is not a dptrain checkpoint (no dptrain header; .pth and .safetensors files are "
             "read by dptrain ckpt convert)");
   uint64_t size = 0;
@@ -137,9 +150,9 @@ struct stat verify_fd(int fd, const std::string& path) {
   DPT_CHECK(size == uint64_t(st.st_size), FileError, path,
             " is truncated or extended: the header records ", size, " bytes, the file has ",
             st.st_size);
-  auto digest = file_digest(fd, st.st_size, path);
+  auto digest = file_digest(*kind, fd, st.st_size, path);
   DPT_CHECK(std::memcmp(digest.data(), header.data() + kDigestAt, digest.size()) == 0, FileError,
-            path, " is corrupt: its SHA-256 does not match the one recorded when it was saved");
+            path, " is corrupt: its digest does not match the one recorded when it was saved");
   return st;
 }
 
@@ -548,7 +561,7 @@ FileFormat sniff_format(const std::string& path) {
   DPT_CHECK(f.size() > 0, FileError, path, " is empty");
   unsigned char b[16] = {};
   f.read(0, b, uint64_t(std::min<int64_t>(f.size(), 16)), "its first bytes");
-  if (f.size() >= 16 && std::memcmp(b, kMagic, sizeof kMagic) == 0) return FileFormat::Hdf5;
+  if (f.size() >= 16 && header_digest(b)) return FileFormat::Hdf5;
   if (f.size() >= 8 && std::memcmp(b, "\x89HDF\r\n\x1a\n", 8) == 0) return FileFormat::Hdf5;
   if (f.size() >= 4 && b[0] == 'P' && b[1] == 'K') return FileFormat::Pth;
   if (f.size() >= 9 && b[8] == '{') return FileFormat::Safetensors;
@@ -598,7 +611,9 @@ void write_hdf5(const Checkpoint& c, const std::string& path) {
   atomic_save(path, bytes, [&](const std::string& tmp) {
     const std::vector<Placement> places = write_structure(c, tmp, path);
     Fd f(open(tmp.c_str(), O_RDWR | O_CLOEXEC));
-    DPT_CHECK(f.fd >= 0, FileError, "cannot save ", path, ": ", errno_str());
+    struct stat st {};
+    DPT_CHECK(f.fd >= 0 && fstat(f.fd, &st) == 0, FileError, "cannot save ", path, ": ",
+              errno_str());
     std::vector<Tensor> hosts;  // cpu copies of device tensors, alive until sealed
     std::vector<Span> spans;
     for (const Placement& p : places) {
@@ -608,9 +623,11 @@ void write_hdf5(const Checkpoint& c, const std::string& path) {
     }
     std::sort(spans.begin(), spans.end(),
               [](const Span& a, const Span& b) { return a.offset < b.offset; });
-    seal_fd(f.fd, path, spans, [&] {
-      for (const Span& sp : spans) write_at(f.fd, sp.data, sp.bytes, int64_t(sp.offset), path);
-    });
+    write_header(f.fd, st.st_size, path);
+    Hasher digest(Digest::Xxh3);
+    write_streamed(
+        f.fd, tmp, st.st_size, spans, [&](const void* p, size_t n) { digest.update(p, n); }, path);
+    finish_seal(f.fd, digest.final(), path);
   });
 }
 

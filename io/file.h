@@ -48,8 +48,28 @@ class ReadFile {
   int64_t size_ = 0;
 };
 
+// Reads exactly n bytes at offset (no bounds check: for files we wrote); FileError naming path.
+void read_at(int fd, void* dst, uint64_t n, int64_t offset, const std::string& path);
 // Writes all n bytes at offset; FileError naming path on failure.
 void write_at(int fd, const void* data, uint64_t n, int64_t offset, const std::string& path);
+
+// Bytes of a file being written that are in memory: [offset, offset + bytes) comes from data.
+struct Span {
+  uint64_t offset;
+  const void* data;
+  size_t bytes;
+};
+
+// Completes the file `file` (open for reading and writing as fd, `size` bytes long, every byte
+// outside the spans already written, e.g. libhdf5's metadata) with the spans' bytes, sorted and
+// disjoint, and passes the whole file [0, size) in order through observe (a digest). The data goes
+// to the disk in 16 MiB pieces by O_DIRECT where the file system allows, written by two threads
+// while the caller copies and observes the next: fresh page-cache pages cost this VM more than the
+// disk does, and a file bypassing the cache leaves little for the closing fsync. FileError naming
+// path.
+void write_streamed(int fd, const std::string& file, int64_t size, const std::vector<Span>& spans,
+                    const std::function<void(const void*, size_t)>& observe,
+                    const std::string& path);
 
 // Calls fn(0..n-1) on up to 4 threads (the caller's included); the first exception thrown stops
 // the others from starting new items and is rethrown. Reading several tensors at once overlaps

@@ -187,7 +187,8 @@ DataParallel::DataParallel(std::unique_ptr<Module> module, const Factory& make_r
     std::string why;
     DPT_CHECK(device_available(d, &why), DeviceError, why);
     DPT_CHECK(d.is_cpu(), DeviceError, "DataParallel on ", d.str(),
-              " needs the CUDA kernels, which are not written yet");
+              " is not implemented yet (replicas on GPUs, reduced with NCCL): train on one GPU "
+              "(--devices cuda:0) or on CPU devices");
   }
   DPT_CHECK(opt_.bucket_mb >= 0 && opt_.bucket_mb <= 65536, UsageError,
             "--bucket-mb must be between 0 and 65536, got ", opt_.bucket_mb);

@@ -10,10 +10,11 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 # Portable code (no -march=native): the GPU machine's CPU is not this one.
 cmake -S . -B build-gpu -G Ninja -DCMAKE_BUILD_TYPE=Release -DDPTRAIN_NATIVE=OFF >/dev/null
-cmake --build build-gpu --target test_cuda test_nccl bench_gpu
+cmake --build build-gpu --target test_cuda test_nccl bench_gpu dptrain
 rm -rf gpu-bundle
 mkdir -p gpu-bundle/bin gpu-bundle/lib
-cp build-gpu/tests/test_cuda build-gpu/tests/test_nccl build-gpu/benchmarks/bench_gpu gpu-bundle/bin/
+cp build-gpu/tests/test_cuda build-gpu/tests/test_nccl build-gpu/benchmarks/bench_gpu build-gpu/dptrain \
+  gpu-bundle/bin/
 for b in gpu-bundle/bin/*; do
   ldd "$b" | awk '/=> \// {print $3}' | while read -r lib; do
     case "$(basename "$lib")" in

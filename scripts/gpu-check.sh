@@ -2,7 +2,8 @@
 # The GPU check, for a machine with an NVIDIA GPU, its driver and PyTorch with CUDA (whose
 # nvidia-* wheels carry cuDNN, cuBLAS and NCCL) but without Debian's -dev packages or internet:
 # runs the gpu-labelled tests (test_cuda: every CUDA op and whole ResNet-50/152 training steps
-# against the CPU engine; test_nccl) and the one-GPU benchmark against PyTorch from gpu-bundle/
+# against the CPU engine, the trainer on one GPU against the CPU with checkpoints and resume;
+# test_nccl) and the one-GPU benchmark against PyTorch from gpu-bundle/
 # (made beforehand by scripts/gpu-bundle.sh on a Debian machine), and writes one report,
 # $OUT/gpu-report.md (or ./gpu-report.md). About 5 minutes on an H200.
 set -uo pipefail
@@ -14,6 +15,7 @@ nv=$("$py" -c 'import nvidia, os; print(list(nvidia.__path__)[0])' 2>/dev/null |
 libs=""
 [ -n "$nv" ] && libs=$(ls -d "$nv"/*/lib 2>/dev/null | tr '\n' ':')
 export LD_LIBRARY_PATH="$PWD/gpu-bundle/lib:${libs}${LD_LIBRARY_PATH:-}"
+export DPTRAIN_BIN="$PWD/gpu-bundle/bin/dptrain"  # for test_cuda's trainer test
 {
   echo "# dptrain GPU check, $(date -u '+%Y-%m-%d %H:%M UTC')"
   echo

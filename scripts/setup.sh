@@ -6,7 +6,7 @@ cd "$(dirname "$0")/.."
 
 packages=(
   build-essential cmake ninja-build pkg-config
-  libeigen3-dev libhdf5-dev hdf5-tools libssl-dev libdeflate-dev zlib1g-dev libcli11-dev nlohmann-json3-dev
+  libeigen3-dev libhdf5-dev hdf5-tools libssl-dev libdeflate-dev libxxhash-dev zlib1g-dev libcli11-dev nlohmann-json3-dev
   libjpeg62-turbo-dev libpng-dev  # image folders (JPEG, PNG)
   libgtest-dev libgmock-dev libbenchmark-dev
   libopenmpi-dev openmpi-bin  # multi-process training (mpirun)

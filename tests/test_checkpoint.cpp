@@ -1,7 +1,9 @@
 // io/: HDF5 checkpoints. Round trips of every dtype, the save/load layout matrix (1 device and
 // DataParallel on 2 or 3, full and weights), wrapper-prefix normalisation, strictness, corrupt
 // files (truncated, bit-flipped) and failed saves that must leave the previous file intact.
+#include <fcntl.h>
 #include <gtest/gtest.h>
+#include <openssl/evp.h>
 #include <sched.h>
 #include <signal.h>
 #include <sys/mount.h>
@@ -228,6 +230,36 @@ TEST(Checkpoint, StrictnessAndShapesWithoutPartialLoads) {
   }
 }
 
+// Files saved before the digest became XXH3-128 carry a version 1 header (magic ending "V1\n",
+// SHA-256 at bytes 24-55): they still load, and are still checked.
+TEST(Checkpoint, VersionOneHeadersStillLoadAndAreChecked) {
+  Tiny model;
+  const std::string v2 = tmp("tiny_v2.h5"), v1 = tmp("tiny_v1.h5");
+  save(model, v2, CheckpointKind::Weights);
+  std::vector<char> bytes = read_all(v2);
+  ASSERT_EQ(std::string(bytes.data(), 16), "DPTRAIN-CKPT-V2\n");
+  bytes[14] = '1';
+  std::fill(bytes.begin() + 24, bytes.begin() + 56, 0);
+  unsigned char sha[32];
+  unsigned int len = 0;
+  ASSERT_EQ(EVP_Digest(bytes.data(), bytes.size(), sha, &len, EVP_sha256(), nullptr), 1);
+  std::memcpy(bytes.data() + 24, sha, 32);
+  write_all(v1, bytes);
+  const Checkpoint c = read_checkpoint(v1);
+  const Checkpoint want = read_checkpoint(v2);
+  ASSERT_EQ(c.state.entries.size(), want.state.entries.size());
+  for (size_t i = 0; i < c.state.entries.size(); ++i)
+    EXPECT_EQ(c.state.entries[i].second.to_vector(), want.state.entries[i].second.to_vector());
+  bytes[bytes.size() - 3] ^= 1;
+  write_all(v1, bytes);
+  try {
+    read_checkpoint(v1);
+    FAIL() << "a flipped byte was accepted";
+  } catch (const FileError& e) {
+    EXPECT_NE(std::string(e.what()).find("corrupt"), std::string::npos) << e.what();
+  }
+}
+
 // Truncated or bit-flipped files fail on the digest with one message naming the file, before
 // libhdf5 parses anything.
 TEST(Checkpoint, CorruptFilesFailCleanly) {
@@ -341,4 +373,67 @@ TEST(Checkpoint, DiskFullMidWriteKeepsThePreviousFile) {
     GTEST_SKIP() << "cannot mount a tmpfs here (needs root or CAP_SYS_ADMIN)";
   EXPECT_EQ(WEXITSTATUS(status), 0)
       << "1: the oversized save succeeded, 2: wrong message, 3: temporary left, 4: file changed";
+}
+
+// write_streamed: a 48 MiB file in four pieces (two writer threads, O_DIRECT here, an unaligned
+// tail through the page cache), spans crossing piece boundaries and ending the file, gaps read
+// back from the file: the file and the bytes observed are exactly the expected ones. A writer
+// that fails (over the file size limit) stops the stream with its error.
+TEST(Checkpoint, StreamedWritesAreExactAndReportFailures) {
+  const int64_t size = (int64_t(3) << 24) + 5007;
+  std::vector<char> want(size_t(size), 0);
+  Rng rng(11);
+  for (auto& b : want) b = char(rng.next_u32());
+  const std::vector<std::pair<int64_t, int64_t>> ranges = {{512, 1000},
+                                                           {4096, (int64_t(1) << 24) - 4046},
+                                                           {(int64_t(1) << 24) + 100, 1 << 24},
+                                                           {(int64_t(2) << 24) + 200, 300},
+                                                           {(int64_t(3) << 24), 5007}};
+  std::vector<Span> spans;
+  for (auto [at, n] : ranges) spans.push_back({uint64_t(at), want.data() + at, size_t(n)});
+  const std::string file = tmp("streamed.bin");
+  fs::remove(file);
+  auto prepare = [&] {
+    Fd fd(open(file.c_str(), O_RDWR | O_CREAT | O_TRUNC | O_CLOEXEC, 0644));
+    EXPECT_EQ(ftruncate(fd.fd, size), 0);
+    int64_t at = 0;  // the gaps, as libhdf5 would have written them
+    for (auto [start, n] : ranges) {
+      write_at(fd.fd, want.data() + at, uint64_t(start - at), at, file);
+      at = start + n;
+    }
+    return fd;
+  };
+  {
+    Fd fd = prepare();
+    std::vector<char> seen;
+    write_streamed(
+        fd.fd, file, size, spans,
+        [&](const void* p, size_t n) {
+          seen.insert(seen.end(), (const char*)p, (const char*)p + n);
+        },
+        file);
+    EXPECT_TRUE(seen == want) << "observed bytes differ";
+    EXPECT_TRUE(read_all(file) == want) << "file bytes differ";
+  }
+  fs::remove(file);
+  const pid_t pid = fork();
+  ASSERT_GE(pid, 0);
+  if (pid == 0) {
+    Fd fd = prepare();
+    signal(SIGXFSZ, SIG_IGN);
+    const rlimit lim{20 << 20, 20 << 20};
+    setrlimit(RLIMIT_FSIZE, &lim);
+    try {
+      write_streamed(
+          fd.fd, file, size, spans, [](const void*, size_t) {}, file);
+      _exit(1);
+    } catch (const FileError& e) {
+      _exit(std::string(e.what()).find("File too large") != std::string::npos ? 0 : 2);
+    }
+  }
+  int status = 0;
+  waitpid(pid, &status, 0);
+  ASSERT_TRUE(WIFEXITED(status));
+  EXPECT_EQ(WEXITSTATUS(status), 0) << "1: writes past the limit succeeded, 2: wrong message";
+  fs::remove(file);
 }

@@ -2,8 +2,11 @@
 #include <gtest/gtest.h>
 
 #include <cmath>
+#include <map>
 #include <set>
+#include <thread>
 
+#include "core/allocator.h"
 #include "core/device.h"
 #include "core/rng.h"
 #include "core/tensor.h"
@@ -137,4 +140,117 @@ TEST(Rng, Distributions) {
   double u = 0;
   for (int i = 0; i < n; ++i) u += r.uniform();
   EXPECT_NEAR(u / n, 0.5, 0.005);
+}
+
+// The CUDA caching allocator's logic, on a fake backend: a host heap of fixed capacity that
+// counts its calls and fails (returns nullptr) when full.
+namespace {
+struct FakeDevice {
+  explicit FakeDevice(size_t bytes) : capacity(bytes) {}
+  size_t capacity, used = 0;
+  int allocs = 0, frees = 0, thread_syncs = 0, device_syncs = 0;
+  std::map<void*, size_t> live;
+  AllocatorBackend backend() {
+    return {.alloc = [this](int, size_t n) -> void* {
+              if (used + n > capacity) return nullptr;
+              void* p = std::malloc(n);
+              used += n;
+              live[p] = n;
+              ++allocs;
+              return p;
+            },
+            .free =
+                [this](int, void* p) {
+                  used -= live.at(p);
+                  live.erase(p);
+                  std::free(p);
+                  ++frees;
+                },
+            .sync_thread = [this](int) { ++thread_syncs; },
+            .sync_device = [this](int) { ++device_syncs; }};
+  }
+};
+constexpr size_t MiB = size_t(1) << 20;
+}  // namespace
+
+TEST(CachingAllocator, ReusesFreedBlocksOfSimilarSize) {
+  FakeDevice dev(64 * MiB);
+  {
+    CachingAllocator a(dev.backend(), "cuda");
+    EXPECT_EQ(a.allocate(0, 0), nullptr);
+    EXPECT_EQ(CachingAllocator::round_size(1), 512u);
+    EXPECT_EQ(CachingAllocator::round_size(513), 1024u);
+    EXPECT_EQ(CachingAllocator::round_size(MiB + 1), 2 * MiB);
+    void* p = a.allocate(0, 1000);
+    a.deallocate(0, p);
+    EXPECT_EQ(a.allocate(0, 900), p);  // same rounded size: the cached block
+    EXPECT_EQ(dev.allocs, 1);
+    void* big = a.allocate(0, 10 * MiB);
+    a.deallocate(0, big);
+    void* small = a.allocate(0, MiB + 1);  // 2 MiB: the cached 10 MiB block is too large
+    EXPECT_NE(small, big);
+    void* mid = a.allocate(0, 6 * MiB);  // within 2x of 10 MiB: reused
+    EXPECT_EQ(mid, big);
+    EXPECT_EQ(dev.allocs, 3);
+    void* other = a.allocate(1, 1000);  // another device never takes device 0's blocks
+    a.deallocate(0, p);
+    void* other2 = a.allocate(1, 1000);
+    EXPECT_NE(other2, p);
+    AllocatorStats s = a.stats(0);
+    EXPECT_EQ(s.in_use, int64_t(2 * MiB + 10 * MiB));
+    EXPECT_EQ(s.reserved, int64_t(512 * 2 + 2 * MiB + 10 * MiB));
+    EXPECT_EQ(s.peak_in_use, int64_t(1024 + 2 * MiB + 10 * MiB));
+    a.deallocate(0, small);
+    a.deallocate(0, mid);
+    a.deallocate(1, other);
+    a.deallocate(1, other2);
+    a.empty_cache(0);
+    EXPECT_EQ(a.stats(0).reserved, 0);
+    EXPECT_EQ(a.stats(0).backend_frees, 3);
+    EXPECT_EQ(dev.device_syncs, 1);
+    EXPECT_EQ(a.stats(1).reserved, 2 * 1024);  // device 1 keeps its cache
+    a.empty_cache(1);
+  }
+  EXPECT_TRUE(dev.live.empty());
+}
+
+TEST(CachingAllocator, OutOfMemoryReleasesTheCacheThenReportsFigures) {
+  FakeDevice dev(8 * MiB);
+  CachingAllocator a(dev.backend(), "cuda");
+  void* p = a.allocate(0, 4 * MiB);
+  a.deallocate(0, p);                // cached: 4 MiB held
+  void* q = a.allocate(0, 6 * MiB);  // 4 + 6 > 8: the cache goes back, then it fits
+  ASSERT_NE(q, nullptr);
+  EXPECT_EQ(dev.frees, 1);
+  EXPECT_EQ(dev.device_syncs, 1);
+  try {
+    a.allocate(0, 4 * MiB);
+    FAIL() << "allocated past the capacity";
+  } catch (const DeviceError& e) {
+    const std::string m = e.what();
+    EXPECT_NE(m.find("out of memory on cuda:0 allocating 4 MiB: 6 MiB are in use"),
+              std::string::npos)
+        << m;
+  }
+  a.deallocate(0, q);
+  a.empty_cache(0);
+  EXPECT_TRUE(dev.live.empty());
+}
+
+TEST(CachingAllocator, BlocksFreedByAnotherThreadWaitAndGoHome) {
+  FakeDevice dev(64 * MiB);
+  CachingAllocator a(dev.backend(), "cuda");
+  void* p = a.allocate(0, 3000);
+  void* mine = nullptr;
+  std::thread([&] {
+    a.deallocate(0, p);          // not the owner: waits for this thread's work first
+    mine = a.allocate(0, 3000);  // this thread's cache is empty: a new block
+  }).join();
+  EXPECT_EQ(dev.thread_syncs, 1);
+  EXPECT_NE(mine, p);
+  EXPECT_EQ(a.allocate(0, 3000), p);  // the owner gets its block back
+  a.deallocate(0, p);
+  a.deallocate(0, mine);
+  a.empty_cache(0);
+  EXPECT_TRUE(dev.live.empty());
 }

@@ -68,7 +68,7 @@ inline void safetensors(const uint8_t* data, size_t size) {
   expect_error_or_success([&] { dpt::read_safetensors(in.path()); });
 }
 
-// HDF5 checkpoints, as given (the SHA-256 check stops nearly everything) and re-sealed, so that
+// HDF5 checkpoints, as given (the digest check stops nearly everything) and re-sealed, so that
 // libhdf5 and our structural checks see the mutated bytes behind a valid digest.
 inline void checkpoint(const uint8_t* data, size_t size) {
   InputFile in(data, size);
