@@ -141,6 +141,12 @@ int run(int argc, char** argv, const dpt::MpiRuntime* mpi) {
   train->add_option("--momentum", cfg.momentum, "SGD momentum")->capture_default_str();
   train->add_option("--weight-decay", cfg.weight_decay, "L2 penalty")->capture_default_str();
   train->add_flag("--nesterov", cfg.nesterov, "Nesterov momentum");
+  train
+      ->add_option("--precision", cfg.precision,
+                   "fp32, or fp16 / bf16: matrix ops rounded to 16 bits over fp32 master weights")
+      ->capture_default_str();
+  train->add_option("--loss-scale", cfg.loss_scale, "fp16: the initial dynamic loss scale")
+      ->capture_default_str();
   train->add_flag("--augment", cfg.augment, "random crop + horizontal flip");
   train->add_option("--seed", cfg.seed, "seed for weights, shuffling and augmentation")
       ->capture_default_str();
@@ -373,6 +379,10 @@ int run(int argc, char** argv, const dpt::MpiRuntime* mpi) {
       j["resumed_step"] = r.resumed_step;
     }
     if (r.checkpoints_saved > 0) j["checkpoints_saved"] = r.checkpoints_saved;
+    if (r.loss_scale > 0) {
+      j["loss_scale"] = r.loss_scale;
+      j["skipped_steps"] = r.skipped_steps;
+    }
     if (!r.bad_images.empty()) j["skipped_images"] = r.bad_images.size();
     if (r.interrupted) j["interrupted"] = r.interrupted == SIGINT ? "SIGINT" : "SIGTERM";
     if (r.test_accuracy >= 0) {

@@ -125,9 +125,10 @@ EvalResult evaluate(Module& model, const Dataset& test, const LoaderOptions& bas
 namespace fs = std::filesystem;
 
 // Whether every value of a float32 tensor is finite (integer test of the exponent bits, which
-// vectorises; other dtypes and device tensors pass).
+// vectorises; a device tensor is checked in a host copy; other dtypes pass).
 bool all_finite(const Tensor& t) {
-  if (t.dtype() != DType::F32 || !t.device().is_cpu()) return true;
+  if (t.dtype() != DType::F32) return true;
+  if (!t.device().is_cpu()) return all_finite(t.to(Device::cpu()));
   const uint32_t* u = static_cast<const uint32_t*>(t.raw());
   uint32_t bad = 0;
   for (int64_t i = 0; i < t.numel(); ++i) bad |= uint32_t((u[i] & 0x7f800000u) == 0x7f800000u);
@@ -348,6 +349,10 @@ TrainResult train(TrainConfig cfg) {
     DPT_CHECK(device_available(d, &why), DeviceError, why);
   }
   const BnMode bn_mode = parse_bn_mode(cfg.bn);
+  DPT_CHECK(cfg.precision == "fp32" || cfg.precision == "fp16" || cfg.precision == "bf16",
+            UsageError, "unknown --precision '", cfg.precision, "': expected fp32, fp16 or bf16");
+  const bool fp16 = cfg.precision == "fp16";
+  GradScaler scaler(cfg.loss_scale);
   if (cfg.threads > 0) omp_set_num_threads(cfg.threads);
   const LrSchedule::Kind schedule_kind = LrSchedule::parse(cfg.lr_schedule);
 
@@ -365,6 +370,7 @@ TrainResult train(TrainConfig cfg) {
   if (cfg.augment) lo.augment = Augment{train_set->height() <= 28 ? 2 : 4, true};
 
   std::unique_ptr<Module> model = make_model(cfg.arch, cfg.seed);
+  model->set_precision(fp16 ? DType::F16 : cfg.precision == "bf16" ? DType::BF16 : DType::F32);
   TrainResult res;
   if (!cfg.init_from.empty()) res.init_note = init_from_checkpoint(*model, cfg.init_from);
   DataParallel* dp = nullptr;
@@ -444,6 +450,15 @@ TrainResult train(TrainConfig cfg) {
                     trained_on == cfg.data.kind,
                 ConfigError, from, " was trained on ", trained_on, " with --seed ", seed.dump(),
                 "; resume with the same data and seed");
+      const std::string trained_in = t.value("precision", std::string("fp32"));
+      DPT_CHECK(trained_in == cfg.precision, ConfigError, from, " was trained with --precision ",
+                trained_in, "; resume with the same precision");
+      if (fp16) {
+        const nlohmann::json scale = t.value("loss_scale", nlohmann::json());
+        DPT_CHECK(scale.is_number(), ConfigError, where, ": 'loss_scale' is ", scale.dump(),
+                  ", not a number");
+        scaler.restore(scale.get<float>(), json_integer(t, "loss_scale_good_steps", where));
+      }
       NormalizedLoad nl = load_normalized(*model, ck.state, true);
       for (size_t r = 0; r < opts.size(); ++r) {
         const Device d = dp ? dp->devices()[r] : dev;
@@ -500,7 +515,9 @@ TrainResult train(TrainConfig cfg) {
                    {"rng",
                     {{"loader", {{"seed", cfg.seed}, {"epoch", next_epoch}, {"batch", position}}},
                      {"init_seed", cfg.seed}}},
-                   {"loss_scale", 1.0}};
+                   {"precision", cfg.precision},
+                   {"loss_scale", fp16 ? scaler.scale() : 1.0},
+                   {"loss_scale_good_steps", fp16 ? scaler.good_steps() : 0}};
     }
     // A NaN or an infinity in the weights (a gradient can blow up while the loss is still finite)
     // is never saved: training stops and the newest checkpoint stays the last good state.
@@ -584,15 +601,30 @@ TrainResult train(TrainConfig cfg) {
       const float loss = softmax_cross_entropy(logits, labels, &dlogits);
       DPT_CHECK(std::isfinite(loss), NumericError, "loss became ", loss, " at step ", step + 1,
                 ": training diverged; lower --lr (now ", cfg.lr, ") or raise --warmup-steps");
+      if (fp16) scaler.scale_loss_grad(dlogits);
       model->backward(std::move(dlogits));
+      // fp16: every replica unscales its (all-reduced, hence equal) gradients; an overflow on
+      // one is an overflow on all, and the step is skipped everywhere.
+      std::vector<char> overflow(cfg.devices.size(), 0);
       if (dp) {
         dp->for_each_replica([&](Module& m, int r) {
+          if (fp16 && (overflow[size_t(r)] = scaler.unscale(m))) return;
           opts[size_t(r)].set_lr(lr);
           opts[size_t(r)].step(m);
         });
       } else {
-        opts[0].set_lr(lr);
-        opts[0].step(*model);
+        if (!fp16 || !(overflow[0] = scaler.unscale(*model))) {
+          opts[0].set_lr(lr);
+          opts[0].step(*model);
+        }
+      }
+      if (fp16) {
+        const bool found_inf = overflow[0] != 0;
+        DPT_ASSERT(std::all_of(overflow.begin(), overflow.end(),
+                               [&](char o) { return (o != 0) == found_inf; }),
+                   "replicas disagree on a gradient overflow");
+        scaler.update(found_inf);
+        res.skipped_steps += found_inf;
       }
       ++step;
       recent.push_back(loss);
@@ -627,6 +659,7 @@ TrainResult train(TrainConfig cfg) {
     run_eval(double(step) / double(per_epoch));
   }
   res.steps = step;
+  if (fp16) res.loss_scale = scaler.scale();
   double s = 0;
   for (double v : recent) s += v;
   res.train_loss = s / double(std::max<size_t>(recent.size(), 1));

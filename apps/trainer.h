@@ -48,6 +48,10 @@ struct TrainConfig {
   float momentum = 0.9f;
   float weight_decay = 5e-4f;
   bool nesterov = false;
+  // fp32, or fp16 / bf16: convolutions and linear layers round to 16 bits (Module::set_precision)
+  // over fp32 master weights; fp16 adds dynamic loss scaling from loss_scale.
+  std::string precision = "fp32";
+  float loss_scale = 65536.0f;
   bool augment = false;  // random crop (pad 2 on 28x28, 4 otherwise) + horizontal flip; image
                          // folders always use RandomResizedCrop + flip when training
   uint64_t seed = 0;
@@ -84,6 +88,8 @@ struct TrainResult {
   std::string resumed_from;  // the checkpoint training resumed from, if any
   int64_t resumed_step = 0;
   int64_t checkpoints_saved = 0;
+  int64_t skipped_steps = 0;    // fp16: steps skipped because a gradient overflowed
+  double loss_scale = 0;        // fp16: the loss scale at the end
   int interrupted = 0;          // the signal that stopped training early, else 0
   std::string interrupt_saved;  // the checkpoint written when it stopped ("" without --save)
   std::string svg_path;

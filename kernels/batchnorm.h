@@ -3,7 +3,8 @@
 //
 //   forward:   y = (x - mean) / sqrt(var + eps) * gamma + beta
 //   stats:     mean and biased var over the M = N*H*W values of each channel (training mode)
-//   running:   rm = (1-m) rm + m mean;  rv = (1-m) rv + m var * M/(M-1)   (PyTorch's rule)
+//   running:   rm = (1-m) rm + m mean;  rv = (1-m) rv + m var * M/(M-1);  batches += 1
+//              (PyTorch's rule; batches is num_batches_tracked, an int64 scalar)
 //   backward:  with xhat = (x - mean) * invstd, sum_dy = sum dy, sum_dy_xhat = sum dy * xhat,
 //              dx = gamma * invstd * (dy - (sum_dy + xhat * sum_dy_xhat) / M)
 // Outputs are overwritten; dgamma (+= sum_dy_xhat) and dbeta (+= sum_dy) are accumulated by the
@@ -16,17 +17,18 @@
 namespace dpt {
 
 // Declared once, for the CPU engine and for the CUDA backend.
-#define DPT_BATCHNORM_KERNELS                                                                  \
-  void batchnorm_stats(const Tensor& x, Tensor& mean, Tensor& var);                            \
-  void batchnorm_forward(const Tensor& x, const Tensor& mean, const Tensor& var,               \
-                         const Tensor& gamma, const Tensor& beta, float eps, Tensor& y);       \
-  void batchnorm_update_running(Tensor& running_mean, Tensor& running_var, const Tensor& mean, \
-                                const Tensor& var, int64_t count, float momentum);             \
-  void batchnorm_backward_reduce(const Tensor& dy, const Tensor& x, const Tensor& mean,        \
-                                 const Tensor& var, float eps, Tensor& sum_dy,                 \
-                                 Tensor& sum_dy_xhat);                                         \
-  void batchnorm_backward_data(const Tensor& dy, const Tensor& x, const Tensor& mean,          \
-                               const Tensor& var, const Tensor& gamma, const Tensor& sum_dy,   \
+#define DPT_BATCHNORM_KERNELS                                                                \
+  void batchnorm_stats(const Tensor& x, Tensor& mean, Tensor& var);                          \
+  void batchnorm_forward(const Tensor& x, const Tensor& mean, const Tensor& var,             \
+                         const Tensor& gamma, const Tensor& beta, float eps, Tensor& y);     \
+  void batchnorm_update_running(Tensor& running_mean, Tensor& running_var, Tensor& batches,  \
+                                const Tensor& mean, const Tensor& var, int64_t count,        \
+                                float momentum);                                             \
+  void batchnorm_backward_reduce(const Tensor& dy, const Tensor& x, const Tensor& mean,      \
+                                 const Tensor& var, float eps, Tensor& sum_dy,               \
+                                 Tensor& sum_dy_xhat);                                       \
+  void batchnorm_backward_data(const Tensor& dy, const Tensor& x, const Tensor& mean,        \
+                               const Tensor& var, const Tensor& gamma, const Tensor& sum_dy, \
                                const Tensor& sum_dy_xhat, float eps, int64_t count, Tensor& dx);
 namespace cpu {
 DPT_BATCHNORM_KERNELS
@@ -42,10 +44,11 @@ inline void batchnorm_forward(const Tensor& x, const Tensor& mean, const Tensor&
                               const Tensor& gamma, const Tensor& beta, float eps, Tensor& y) {
   DPT_ON_DEVICE(x.device(), batchnorm_forward, x, mean, var, gamma, beta, eps, y);
 }
-inline void batchnorm_update_running(Tensor& running_mean, Tensor& running_var, const Tensor& mean,
-                                     const Tensor& var, int64_t count, float momentum) {
-  DPT_ON_DEVICE(mean.device(), batchnorm_update_running, running_mean, running_var, mean, var,
-                count, momentum);
+inline void batchnorm_update_running(Tensor& running_mean, Tensor& running_var, Tensor& batches,
+                                     const Tensor& mean, const Tensor& var, int64_t count,
+                                     float momentum) {
+  DPT_ON_DEVICE(mean.device(), batchnorm_update_running, running_mean, running_var, batches, mean,
+                var, count, momentum);
 }
 inline void batchnorm_backward_reduce(const Tensor& dy, const Tensor& x, const Tensor& mean,
                                       const Tensor& var, float eps, Tensor& sum_dy,

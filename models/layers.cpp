@@ -2,6 +2,7 @@
 
 #include <cmath>
 
+#include "kernels/amp.h"
 #include "kernels/batchnorm.h"
 #include "kernels/elementwise.h"
 #include "kernels/linear.h"
@@ -40,21 +41,52 @@ Conv2d::Conv2d(int64_t in, int64_t out, int k, int stride, int pad, Rng& rng)
           "weight", normal_tensor({out, in, k, k}, std::sqrt(2.0f / float(out * k * k)), rng))),
       p_{stride, pad} {}
 
+namespace {
+
+// Mixed precision (Module::set_precision): a copy of t rounded to `d`, or t itself for F32.
+Tensor rounded(const Tensor& t, DType d) {
+  if (d == DType::F32) return t.share();
+  Tensor r = t.clone();
+  round_(r, d);
+  return r;
+}
+
+// Accumulates into `grad` a gradient computed by `fill` (which accumulates into what it is
+// given), rounded to `d` first: in half precision, each layer's weight gradient is a half value.
+template <typename F>
+void add_rounded_grad(Tensor& grad, DType d, F fill) {
+  if (d == DType::F32) return fill(grad);
+  Tensor g = Tensor::zeros(grad.shape(), DType::F32, grad.device());
+  fill(g);
+  round_(g, d);
+  add_(grad, g);
+}
+
+}  // namespace
+
 Tensor Conv2d::forward(Tensor x) {
-  const Tensor& w = weight.value;
+  const Tensor w = rounded(weight.value, precision());
+  x = rounded(x, precision());
   Tensor y({x.dim(0), w.dim(0), conv_out_size(x.dim(2), w.dim(2), p_.stride, p_.pad),
             conv_out_size(x.dim(3), w.dim(3), p_.stride, p_.pad)},
            DType::F32, x.device());
   conv2d_forward(x, w, y, p_);
+  round_(y, precision());
   if (is_training()) x_ = std::move(x);
   return y;
 }
 
 Tensor Conv2d::backward(Tensor dy) {
   DPT_ASSERT(x_.defined(), "Conv2d::backward without a training-mode forward");
+  const DType d = precision();
+  const Tensor w = rounded(weight.value, d);
+  dy = rounded(dy, d);
   Tensor dx;
   if (input_grad_) dx = Tensor(x_.shape(), DType::F32, x_.device());
-  conv2d_backward(dy, x_, weight.value, input_grad_ ? &dx : nullptr, weight.grad, p_);
+  add_rounded_grad(weight.grad, d, [&](Tensor& g) {
+    conv2d_backward(dy, x_, w, input_grad_ ? &dx : nullptr, g, p_);
+  });
+  if (input_grad_) round_(dx, d);
   grads_ready();
   release();
   return dx;
@@ -83,14 +115,8 @@ Tensor BatchNorm2d::forward(Tensor x) {
   DPT_CHECK(count > 1, ConfigError, "BatchNorm2d in training mode needs more than one value per ",
             "channel (got a batch of shape ", shape_str(x.shape()), "); use a larger batch");
   batchnorm_forward(x, mean, var, weight.value, bias.value, eps_, y);
-  batchnorm_update_running(running_mean, running_var, mean, var, count, momentum_);
-  if (num_batches_tracked.device().is_cpu()) {
-    ++num_batches_tracked.data<int64_t>()[0];
-  } else {
-    Tensor n = num_batches_tracked.to(Device::cpu());
-    ++n.data<int64_t>()[0];
-    num_batches_tracked.copy_from(n);
-  }
+  batchnorm_update_running(running_mean, running_var, num_batches_tracked, mean, var, count,
+                           momentum_);
   x_ = std::move(x);
   mean_ = std::move(mean);
   var_ = std::move(var);
@@ -170,15 +196,24 @@ Linear::Linear(int64_t in, int64_t out, Rng& rng)
 Tensor Linear::forward(Tensor x) {
   DPT_CHECK(x.ndim() == 2 && x.dim(1) == weight.value.dim(1), ConfigError, "Linear expects [N, ",
             weight.value.dim(1), "] input, got ", shape_str(x.shape()));
+  const DType d = precision();
+  x = rounded(x, d);
   Tensor y({x.dim(0), weight.value.dim(0)}, DType::F32, x.device());
-  linear_forward(x, weight.value, bias.value, y);
+  linear_forward(x, rounded(weight.value, d), rounded(bias.value, d), y);
+  round_(y, d);
   if (is_training()) x_ = std::move(x);
   return y;
 }
 
 Tensor Linear::backward(Tensor dy) {
+  const DType d = precision();
+  dy = rounded(dy, d);
   Tensor dx(x_.shape(), DType::F32, x_.device());
-  linear_backward(dy, x_, weight.value, &dx, weight.grad, bias.grad);
+  const Tensor w = rounded(weight.value, d);
+  add_rounded_grad(weight.grad, d, [&](Tensor& gw) {
+    add_rounded_grad(bias.grad, d, [&](Tensor& gb) { linear_backward(dy, x_, w, &dx, gw, gb); });
+  });
+  round_(dx, d);
   grads_ready();
   release();
   return dx;

@@ -131,6 +131,12 @@ void Module::train(bool on) {
   for (auto& [name, m] : named_modules()) m->training_ = on;
 }
 
+void Module::set_precision(DType d) {
+  DPT_CHECK(d == DType::F32 || d == DType::F16 || d == DType::BF16, ConfigError,
+            "precision must be float32, float16 or bfloat16, not ", dtype_name(d));
+  for (auto& [name, m] : named_modules()) m->precision_ = d;
+}
+
 void Module::to(const Device& d) {
   for (auto& [name, m] : named_modules()) {
     m->release();

@@ -64,6 +64,11 @@ class Module {
   void eval() { train(false); }
   bool is_training() const { return training_; }
   virtual void to(const Device& d);  // moves parameters, grads and buffers
+  // Mixed precision: the dtype (F16, BF16) that convolutions and linear layers round their
+  // inputs, weights, outputs and gradients to, storage and arithmetic staying float32 (F32: no
+  // rounding). Set on this module and every descendant.
+  virtual void set_precision(DType d);
+  DType precision() const { return precision_; }
   Device device();
   virtual void zero_grad();
   // Drops tensors kept for backward (after backward, or when a forward's output is not used).
@@ -99,6 +104,7 @@ class Module {
   std::vector<std::pair<std::string, std::unique_ptr<Tensor>>> buffers_;
   std::vector<std::pair<std::string, std::unique_ptr<Module>>> children_;
   bool training_ = true;
+  DType precision_ = DType::F32;
   std::function<void(Module&)> grad_ready_;
   std::shared_ptr<const ArchSpec> arch_;
 };

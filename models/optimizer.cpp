@@ -1,6 +1,9 @@
 #include "models/optimizer.h"
 
 #include <cmath>
+#include <vector>
+
+#include "kernels/amp.h"
 
 namespace dpt {
 
@@ -12,6 +15,39 @@ void Sgd::step(Module& m) {
       it = bufs_.emplace(name, Tensor(p->value.shape(), DType::F32, p->value.device())).first;
     Tensor none;
     sgd_step(p->value, p->grad, h_.momentum != 0 ? it->second : none, h_, first);
+  }
+}
+
+GradScaler::GradScaler(float scale, float growth, float backoff, int64_t interval)
+    : scale_(scale), growth_(growth), backoff_(backoff), interval_(interval) {
+  DPT_CHECK(std::isfinite(scale) && scale > 0, UsageError,
+            "the loss scale must be a positive finite number, got ", scale);
+}
+
+void GradScaler::restore(float scale, int64_t good_steps) {
+  DPT_CHECK(std::isfinite(scale) && scale > 0 && good_steps >= 0, ConfigError,
+            "impossible loss scaler state (scale ", scale, ", good steps ", good_steps, ")");
+  scale_ = scale;
+  good_steps_ = good_steps;
+}
+
+void GradScaler::scale_loss_grad(Tensor& dloss) const {
+  scale_check_({&dloss}, scale_);
+}
+
+bool GradScaler::unscale(Module& m) const {
+  std::vector<Tensor*> grads;
+  for (auto& [name, p] : m.named_parameters()) grads.push_back(&p->grad);
+  return scale_check_(grads, 1.0f / scale_);
+}
+
+void GradScaler::update(bool found_inf) {
+  if (found_inf) {
+    scale_ *= backoff_;
+    good_steps_ = 0;
+  } else if (++good_steps_ == interval_) {
+    scale_ *= growth_;
+    good_steps_ = 0;
   }
 }
 

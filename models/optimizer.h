@@ -1,6 +1,6 @@
 // SGD over a module's named parameters (momentum buffers keyed by parameter name, so they survive
-// renaming between layouts) and the learning-rate schedule: linear warmup, then constant, step
-// decay or cosine annealing.
+// renaming between layouts), the learning-rate schedule (linear warmup, then constant, step
+// decay or cosine annealing) and the loss scaler of fp16 training.
 #pragma once
 
 #include <map>
@@ -23,6 +23,30 @@ class Sgd {
  private:
   SgdParams h_;
   std::map<std::string, Tensor> bufs_;
+};
+
+// Dynamic loss scaling, PyTorch's GradScaler rule: the loss gradient is multiplied by scale()
+// before backward; after it, unscale() divides every gradient by it and reports whether any was
+// inf or NaN. A step with an overflow is skipped and the scale multiplied by `backoff`;
+// `interval` steps in a row without one multiply it by `growth`. (scale, good_steps) is what a
+// checkpoint keeps.
+class GradScaler {
+ public:
+  explicit GradScaler(float scale = 65536.0f, float growth = 2.0f, float backoff = 0.5f,
+                      int64_t interval = 2000);
+  float scale() const { return scale_; }
+  int64_t good_steps() const { return good_steps_; }
+  void restore(float scale, int64_t good_steps);
+  // Multiplies the loss gradient (the gradient backward starts from) by the scale.
+  void scale_loss_grad(Tensor& dloss) const;
+  // Divides m's gradients by the scale; true when one of them was not finite.
+  bool unscale(Module& m) const;
+  // After each step: found_inf as unscale() reported it (the same on every replica).
+  void update(bool found_inf);
+
+ private:
+  float scale_, growth_, backoff_;
+  int64_t interval_, good_steps_ = 0;
 };
 
 struct LrSchedule {

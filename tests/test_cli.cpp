@@ -270,6 +270,63 @@ TEST(Cli, ResumeIsExact) {
   }
 }
 
+// Mixed precision. fp16 with dynamic loss scaling: a scale so large that every gradient
+// overflows skips every step (the weights stay those of an lr 0 run) and halves the scale each
+// time; a normal scale trains, and a resume restores the scale and ends bit-identical. bf16
+// trains close to fp32. A resume in another precision is refused.
+TEST(Cli, MixedPrecisionLossScalingAndResume) {
+  const std::string dir = fresh_dir("amp");
+  const std::string base = ckpt_run(dir, "cpu") + "--max-steps 4 --json ";
+  CliRun over = dptrain(base + "--precision fp16 --loss-scale 3e38");
+  ASSERT_EQ(over.code, 0) << over.err;
+  auto j = nlohmann::json::parse(over.out);
+  EXPECT_EQ(j.at("skipped_steps"), 4);
+  EXPECT_FLOAT_EQ(j.at("loss_scale").get<float>(), 3e38f / 16);
+  std::filesystem::rename(dir + "/a.h5", dir + "/skipped.h5");
+  // The same fp16 forwards (batch-norm statistics included), weights barely moving.
+  std::string still = base + "--precision fp16";
+  still.replace(still.find("--lr 0.02"), 9, "--lr 1e-30");
+  ASSERT_EQ(dptrain(still).code, 0);
+  EXPECT_LT(max_diff(dir + "/a.h5", dir + "/skipped.h5"), 1e-20);
+
+  CliRun fp16 = dptrain(base + "--precision fp16");
+  ASSERT_EQ(fp16.code, 0) << fp16.err;
+  j = nlohmann::json::parse(fp16.out);
+  const int skipped = j.at("skipped_steps");  // PyTorch's 2^16 overflows at first here too
+  EXPECT_LE(skipped, 2);
+  EXPECT_EQ(j.at("loss_scale"), 65536.0 / (1 << skipped));
+  const double l16 = j.at("train_loss");
+  std::filesystem::rename(dir + "/a.h5", dir + "/fp16.h5");
+  CliRun fp32 = dptrain(base);
+  ASSERT_EQ(fp32.code, 0) << fp32.err;
+  EXPECT_GT(max_diff(dir + "/a.h5", dir + "/fp16.h5"), 0.0);  // rounded to half precision
+  const double l32 = nlohmann::json::parse(fp32.out).at("train_loss");
+  EXPECT_NEAR(l16, l32, 0.05);
+  CliRun bf16 = dptrain(base + "--precision bf16");
+  ASSERT_EQ(bf16.code, 0) << bf16.err;
+  EXPECT_NEAR(nlohmann::json::parse(bf16.out).at("train_loss").get<double>(), l32, 0.05);
+
+  // Scale 2^20: a few early steps overflow, so the scaler state in the checkpoint matters.
+  const std::string scaled =
+      base + "--precision fp16 --loss-scale 1048576 --save-every 2 --keep 3 ";
+  CliRun whole = dptrain(scaled);
+  ASSERT_EQ(whole.code, 0) << whole.err;
+  std::filesystem::copy_file(dir + "/a-step2.h5", dir + "/r.h5");
+  std::string cmd = scaled + "--resume " + dir + "/r.h5";
+  cmd.replace(cmd.find(dir + "/a.h5"), dir.size() + 5, dir + "/r.h5");
+  CliRun resumed = dptrain(cmd);
+  ASSERT_EQ(resumed.code, 0) << resumed.err;
+  EXPECT_EQ(nlohmann::json::parse(resumed.out).at("loss_scale"),
+            nlohmann::json::parse(whole.out).at("loss_scale"));
+  EXPECT_EQ(max_diff(dir + "/a.h5", dir + "/r.h5"), 0.0);
+  std::string other = base + "--resume " + dir + "/a-step2.h5";
+  other.replace(other.find(dir + "/a.h5"), dir.size() + 5, dir + "/o.h5");
+  CliRun refused = dptrain(other);
+  EXPECT_NE(refused.code, 0);
+  EXPECT_NE(refused.err.find("resume with the same precision"), std::string::npos) << refused.err;
+  expect_error(base + "--precision fp8", 2, "--precision");
+}
+
 // SIGKILL while a checkpoint is being written: the previous one stays intact, and
 // --resume auto picks it up and finishes the run.
 TEST(Cli, KilledDuringSaveLosesNothing) {

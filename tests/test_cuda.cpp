@@ -15,6 +15,7 @@
 
 #include "core/device.h"
 #include "core/rng.h"
+#include "kernels/amp.h"
 #include "kernels/batchnorm.h"
 #include "kernels/conv.h"
 #include "kernels/elementwise.h"
@@ -118,10 +119,12 @@ TEST(Cuda, BatchNormPieces) {
     batchnorm_forward(x, mean, var, gamma, beta, 1e-5f, y);
     batchnorm_forward(gx, gmean, gvar, ggamma, gbeta, 1e-5f, gy);
     EXPECT_LT(rel_error(gy, y), 1e-6);
-    batchnorm_update_running(rm, rv, mean, var, count, 0.1f);
-    batchnorm_update_running(grm, grv, gmean, gvar, count, 0.1f);
+    Tensor batches = Tensor::zeros({}, DType::I64), gbatches = batches.to(kGpu);
+    batchnorm_update_running(rm, rv, batches, mean, var, count, 0.1f);
+    batchnorm_update_running(grm, grv, gbatches, gmean, gvar, count, 0.1f);
     EXPECT_LT(rel_error(grm, rm), 1e-6);
     EXPECT_LT(rel_error(grv, rv), 1e-6);
+    EXPECT_EQ(gbatches.to(Device::cpu()).data<int64_t>()[0], 1);
     Tensor sd({C}), sdx({C}), dx(s), gsd = out({C}), gsdx = out({C}), gdx = out(s);
     batchnorm_backward_reduce(dy, x, mean, var, 1e-5f, sd, sdx);
     batchnorm_backward_reduce(gdy, gx, gmean, gvar, 1e-5f, gsd, gsdx);
@@ -233,7 +236,9 @@ void whole_step(const std::string& arch) {
   double wworst = 0;
   for (size_t i = 0; i < pc.size(); ++i)
     wworst = std::max(wworst, rel_error(pg[i].second->value, pc[i].second->value));
-  EXPECT_LT(wworst, 1e-4) << "worst relative weight error after the step";
+  // Zero-initialised weights (batch-norm biases) are -lr * grad after the first step: their error
+  // is the gradient's, so the bound is the gradient's.
+  EXPECT_LT(wworst, 1e-2) << "worst relative weight error after the step";
   std::printf("%s on %s: logits %.2e, worst gradient %.2e, worst weight after the step %.2e\n",
               arch.c_str(), kGpu.str().c_str(), rel_error(zg, zc), worst, wworst);
 }
@@ -246,6 +251,28 @@ TEST(Cuda, Resnet50TrainingStepMatchesTheCpu) {
 TEST(Cuda, Resnet152TrainingStepMatchesTheCpu) {
   NEED_GPU();
   whole_step("resnet152");
+}
+
+// round_ and scale_check_ on the GPU give exactly the CPU's values (the same IEEE roundings).
+TEST(Cuda, MixedPrecisionHelpersEqualTheCpu) {
+  NEED_GPU();
+  Tensor x = random({1000}, 21, 3e4f);  // some past half's 65504
+  x.data<float>()[7] = 1e-7f;           // a half subnormal
+  for (DType t : {DType::F16, DType::BF16}) {
+    Tensor c = x.clone(), g = x.to(kGpu);
+    round_(c, t);
+    round_(g, t);
+    EXPECT_EQ(g.to_vector(), c.to_vector()) << dtype_name(t);
+  }
+  Tensor a = random({5000}, 22), b = random({300}, 23);
+  Tensor ga = a.to(kGpu), gb = b.to(kGpu);
+  EXPECT_FALSE(scale_check_({&ga, &gb}, 0.25f));
+  EXPECT_FALSE(scale_check_({&a, &b}, 0.25f));
+  EXPECT_EQ(ga.to_vector(), a.to_vector());
+  EXPECT_EQ(gb.to_vector(), b.to_vector());
+  b.data<float>()[299] = NAN;
+  gb = b.to(kGpu);
+  EXPECT_TRUE(scale_check_({&ga, &gb}, 1.0f));
 }
 
 // The dptrain binary: $DPTRAIN_BIN (the GPU bundle's) or this build's.
@@ -266,7 +293,8 @@ nlohmann::json last_json(const std::string& out) {
   return nlohmann::json::parse(out.substr(at == std::string::npos ? 0 : at + 1));
 }
 
-// The trainer on one GPU: the same 6 steps as on the CPU (losses within 1e-3), a checkpoint
+// The trainer on one GPU: 4 fp16 steps as on the CPU (losses within 1e-2, the same steps skipped
+// for overflow), the same 6 fp32 steps as on the CPU (losses within 1e-3), a checkpoint
 // saved from cuda:0 that evaluates the same on the CPU and on the GPU, and a resume on the GPU
 // from it that continues as the uninterrupted GPU run does (within 1e-3: cuDNN's sums are not
 // ordered like ours).
@@ -274,13 +302,22 @@ TEST(Cuda, TrainerOnOneGpuMatchesTheCpuAndItsCheckpointLoadsAnywhere) {
   NEED_GPU();
   const std::string dir = ::testing::TempDir();
   const std::string data = " --data synthetic --synthetic-size 96 --image-size 32 --seed 3 --json";
-  const std::string common = "train --model resnet18 --stem small --batch-size 16 --lr 0.05" + data;
+  // A constant rate: a 3-step run then shares its schedule with the first half of a 6-step one.
+  const std::string common =
+      "train --model resnet18 --stem small --batch-size 16 --lr 0.05 --lr-schedule constant "
+      "--warmup-steps 0" +
+      data;
   int code = 0;
   auto train = [&](const std::string& devices, const std::string& extra) {
     const std::string out = run_dptrain(common + " --devices " + devices + extra, &code);
     EXPECT_EQ(code, 0) << out;
     return code == 0 ? last_json(out) : nlohmann::json();
   };
+  const nlohmann::json cpu16 = train("cpu", " --max-steps 4 --precision fp16");
+  const nlohmann::json gpu16 = train("cuda:0", " --max-steps 4 --precision fp16");
+  ASSERT_TRUE(cpu16.contains("train_loss") && gpu16.contains("train_loss"));
+  EXPECT_NEAR(double(cpu16["train_loss"]), double(gpu16["train_loss"]), 1e-2);
+  EXPECT_EQ(cpu16["skipped_steps"], gpu16["skipped_steps"]);
   const nlohmann::json cpu = train("cpu", " --max-steps 6");
   const nlohmann::json gpu = train("cuda:0", " --max-steps 6 --save " + dir + "/gpu6.h5");
   ASSERT_TRUE(cpu.contains("train_loss") && gpu.contains("train_loss"));
@@ -313,26 +350,30 @@ TEST(Cuda, TrainerOnOneGpuMatchesTheCpuAndItsCheckpointLoadsAnywhere) {
 }
 
 // cuBLAS is not linked but loaded when first needed, so that no dptrain binary pays for mapping
-// cuBLASLt at every start (0.4 s and 200 MB here). Runs without a GPU.
+// cuBLASLt at every start (0.4 s and 200 MB here). Runs without a GPU. Whether it was mapped at
+// start is recorded before any test runs (the op tests before this one load it on a GPU).
+#ifdef DPTRAIN_WITH_CUDA
+bool cublas_mapped() {
+  bool found = false;
+  dl_iterate_phdr(
+      [](dl_phdr_info* info, size_t, void* out) {
+        if (info->dlpi_name && std::string(info->dlpi_name).find("libcublas") != std::string::npos)
+          *static_cast<bool*>(out) = true;
+        return 0;
+      },
+      &found);
+  return found;
+}
+const bool kCublasAtStart = cublas_mapped();
+#endif
+
 TEST(Cuda, CublasIsLoadedOnlyWhenFirstNeeded) {
 #ifndef DPTRAIN_WITH_CUDA
   GTEST_SKIP() << "this build has no CUDA kernels (nvcc, cuDNN or NCCL not found)";
 #else
-  auto loaded = [] {
-    bool found = false;
-    dl_iterate_phdr(
-        [](dl_phdr_info* info, size_t, void* out) {
-          if (info->dlpi_name &&
-              std::string(info->dlpi_name).find("libcublas") != std::string::npos)
-            *static_cast<bool*>(out) = true;
-          return 0;
-        },
-        &found);
-    return found;
-  };
-  EXPECT_FALSE(loaded()) << "cuBLAS was loaded at start";
+  EXPECT_FALSE(kCublasAtStart) << "cuBLAS was loaded at start";
   const cuda::CublasApi& api = cuda::cublas();
-  EXPECT_TRUE(loaded());
+  EXPECT_TRUE(cublas_mapped());
   EXPECT_NE(api.sgemm, nullptr);
   EXPECT_STREQ(api.status_string(CUBLAS_STATUS_SUCCESS), "success");
 #endif

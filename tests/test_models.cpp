@@ -4,6 +4,7 @@
 
 #include <cmath>
 
+#include "kernels/amp.h"
 #include "models/arch.h"
 #include "models/optimizer.h"
 #include "models/resnet.h"
@@ -208,4 +209,76 @@ TEST(Optimizer, LrSchedules) {
   EXPECT_FLOAT_EQ(s.lr_at(13), 0.4f);
   EXPECT_NEAR(s.lr_at(14), 0.04f, 1e-7);
   EXPECT_THROW(LrSchedule::parse("linear"), UsageError);
+}
+
+// Mixed precision: round_ gives IEEE half and bfloat16 values (round to nearest even, half
+// overflowing to infinity past 65504, half subnormals kept), scale_check_ scales and reports
+// non-finite values, and GradScaler follows PyTorch's GradScaler rule.
+TEST(MixedPrecision, RoundingScalingAndTheScaler) {
+  const float h = std::ldexp(1.0f, -11), b = std::ldexp(1.0f, -8);  // half an ulp at 1
+  const float inf = INFINITY;
+  Tensor x = Tensor::from_vector({8}, {1 + h, 1 + 3 * h, 65504, 65519, 65520, std::ldexp(1.0f, -24),
+                                       std::ldexp(1.0f, -26), -2.5f});
+  round_(x, DType::F16);
+  EXPECT_EQ(x.to_vector(),
+            (std::vector<float>{1, 1 + 4 * h, 65504, 65504, inf, std::ldexp(1.0f, -24), 0, -2.5f}));
+  Tensor y = Tensor::from_vector({4}, {1 + b, 1 + 3 * b, 1e30f, 70000});
+  round_(y, DType::BF16);
+  EXPECT_EQ(y.to_vector(),
+            (std::vector<float>{1, 1 + 4 * b, bf16_to_float(float_to_bf16(1e30f)), 70144}));
+  Tensor same = Tensor::from_vector({2}, {1 + h, 3});
+  round_(same, DType::F32);
+  EXPECT_EQ(same.to_vector(), (std::vector<float>{1 + h, 3}));
+
+  Tensor g1 = Tensor::from_vector({3}, {1, -2, 4}), g2 = Tensor::from_vector({2}, {8, 0});
+  EXPECT_FALSE(scale_check_({&g1, &g2}, 0.5f));
+  EXPECT_EQ(g1.to_vector(), (std::vector<float>{0.5f, -1, 2}));
+  EXPECT_EQ(g2.to_vector(), (std::vector<float>{4, 0}));
+  Tensor bad = Tensor::from_vector({2}, {NAN, 1});
+  EXPECT_TRUE(scale_check_({&g1, &bad}, 2.0f));
+  Tensor big = Tensor::from_vector({1}, {-inf});
+  EXPECT_TRUE(scale_check_({&big}, 1.0f));
+
+  GradScaler s(1024.0f, 2.0f, 0.5f, 3);
+  s.update(false);
+  s.update(false);
+  EXPECT_EQ(s.scale(), 1024.0f);
+  s.update(false);  // the third good step in a row
+  EXPECT_EQ(s.scale(), 2048.0f);
+  EXPECT_EQ(s.good_steps(), 0);
+  s.update(false);
+  s.update(true);  // an overflow halves the scale and restarts the count
+  EXPECT_EQ(s.scale(), 1024.0f);
+  EXPECT_EQ(s.good_steps(), 0);
+  auto m = model("resnet18");
+  for (auto& [name, p] : m->named_parameters()) p->grad.zero_();
+  auto params = m->named_parameters();
+  params[3].second->grad.copy_from(Tensor::full(params[3].second->grad.shape(), 2048.0f));
+  EXPECT_FALSE(s.unscale(*m));
+  EXPECT_EQ(params[3].second->grad.to_vector()[0], 2.0f);
+  params[5].second->grad.copy_from(Tensor::full(params[5].second->grad.shape(), inf));
+  EXPECT_TRUE(s.unscale(*m));
+  s.restore(8.0f, 2);
+  EXPECT_EQ(s.scale(), 8.0f);
+  EXPECT_THROW(s.restore(0.0f, 0), ConfigError);
+  EXPECT_THROW(s.restore(inf, 0), ConfigError);
+  EXPECT_THROW(GradScaler(-1.0f), UsageError);
+}
+
+// Module::set_precision reaches every layer, and a half-precision forward differs from the fp32
+// one by about half precision's resolution.
+TEST(MixedPrecision, HalfForwardIsCloseToFloat) {
+  auto m = model("resnet18", 10, "small");
+  m->eval();
+  Tensor x({2, 3, 16, 16});
+  Rng rng(4);
+  for (int64_t i = 0; i < x.numel(); ++i) x.data<float>()[i] = rng.normal();
+  const Tensor full = m->forward(x.clone());
+  m->set_precision(DType::F16);
+  for (auto& [name, sub] : m->named_modules()) EXPECT_EQ(sub->precision(), DType::F16) << name;
+  const Tensor half = m->forward(x.clone());
+  const double err = relative_error(half, full);
+  EXPECT_GT(err, 0.0);
+  EXPECT_LT(err, 1e-2);
+  EXPECT_THROW(m->set_precision(DType::I64), ConfigError);
 }

@@ -61,8 +61,9 @@ void batchnorm_forward(const Tensor& x, const Tensor& mean, const Tensor& var, c
   }
 }
 
-void batchnorm_update_running(Tensor& running_mean, Tensor& running_var, const Tensor& mean,
-                              const Tensor& var, int64_t count, float momentum) {
+void batchnorm_update_running(Tensor& running_mean, Tensor& running_var, Tensor& batches,
+                              const Tensor& mean, const Tensor& var, int64_t count,
+                              float momentum) {
   float *rm = running_mean.data<float>(), *rv = running_var.data<float>();
   const float *mp = mean.data<float>(), *vp = var.data<float>();
   const double unbias = count > 1 ? double(count) / double(count - 1) : 1.0;
@@ -70,6 +71,7 @@ void batchnorm_update_running(Tensor& running_mean, Tensor& running_var, const T
     rm[c] = (1 - momentum) * rm[c] + momentum * mp[c];
     rv[c] = float((1 - momentum) * rv[c] + momentum * (vp[c] * unbias));
   }
+  ++batches.data<int64_t>()[0];
 }
 
 void batchnorm_backward_reduce(const Tensor& dy, const Tensor& x, const Tensor& mean,

@@ -61,8 +61,9 @@ __global__ void normalize(const float* x, const float* mean, const float* var, c
   }
 }
 
-__global__ void running(float* rm, float* rv, const float* mean, const float* var, int64_t C,
-                        double unbias, float m) {
+__global__ void running(float* rm, float* rv, int64_t* batches, const float* mean, const float* var,
+                        int64_t C, double unbias, float m) {
+  if (blockIdx.x == 0 && threadIdx.x == 0) ++*batches;
   for (int64_t c = int64_t(blockIdx.x) * blockDim.x + threadIdx.x; c < C;
        c += int64_t(gridDim.x) * blockDim.x) {
     rm[c] = (1 - m) * rm[c] + m * mean[c];
@@ -125,14 +126,18 @@ void batchnorm_forward(const Tensor& x, const Tensor& mean, const Tensor& var, c
   check_launch("batchnorm_forward");
 }
 
-void batchnorm_update_running(Tensor& running_mean, Tensor& running_var, const Tensor& mean,
-                              const Tensor& var, int64_t count, float momentum) {
+void batchnorm_update_running(Tensor& running_mean, Tensor& running_var, Tensor& batches,
+                              const Tensor& mean, const Tensor& var, int64_t count,
+                              float momentum) {
   check_operands("batchnorm_update_running", {&running_mean, &running_var, &mean, &var});
+  DPT_ASSERT(
+      batches.dtype() == DType::I64 && batches.numel() == 1 && batches.device() == mean.device(),
+      "batchnorm_update_running: batches must be an int64 scalar on ", mean.device().str());
   const double unbias = count > 1 ? double(count) / double(count - 1) : 1.0;
   DPT_CUDA(cudaSetDevice(running_mean.device().index));
   running<<<blocks_for(mean.numel()), kThreads, 0, cudaStreamPerThread>>>(
-      running_mean.data<float>(), running_var.data<float>(), mean.data<float>(), var.data<float>(),
-      mean.numel(), unbias, momentum);
+      running_mean.data<float>(), running_var.data<float>(), batches.data<int64_t>(),
+      mean.data<float>(), var.data<float>(), mean.numel(), unbias, momentum);
   check_launch("batchnorm_update_running");
 }
 

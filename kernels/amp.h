@@ -1,0 +1,41 @@
+// Mixed-precision helpers on float32 tensors, in place on their first argument.
+//
+//   round_(x, t):              x = x rounded to the nearest value of dtype t (round to nearest
+//                              even; float16 overflows to +-inf past 65504 and keeps subnormals,
+//                              as IEEE half does); t == F32 leaves x alone
+//   scale_check_(ts, factor):  t = t * factor for every t in ts; returns whether any value of any
+//                              t was inf or NaN before scaling (GradScaler's found_inf)
+//
+// fp16 and bf16 training keeps fp32 storage and rounds at the boundaries of the matrix ops
+// (models/layers.cpp); these ops are the rounding and the loss scaling.
+#pragma once
+
+#include <vector>
+
+#include "core/tensor.h"
+#include "kernels/dispatch.h"
+
+namespace dpt {
+
+// Declared once, for the CPU engine and for the CUDA backend.
+#define DPT_AMP_KERNELS            \
+  void round_(Tensor& x, DType t); \
+  bool scale_check_(const std::vector<Tensor*>& ts, float factor);
+
+namespace cpu {
+DPT_AMP_KERNELS
+}  // namespace cpu
+namespace cuda {
+DPT_AMP_KERNELS
+}  // namespace cuda
+
+inline void round_(Tensor& x, DType t) {
+  if (t == DType::F32) return;
+  DPT_ON_DEVICE(x.device(), round_, x, t);
+}
+inline bool scale_check_(const std::vector<Tensor*>& ts, float factor) {
+  if (ts.empty()) return false;
+  DPT_ON_DEVICE(ts[0]->device(), scale_check_, ts, factor);
+}
+
+}  // namespace dpt
