@@ -80,15 +80,50 @@ void device_zero(const Device& d, void* p, size_t bytes) {
   std::memset(p, 0, bytes);
 }
 
-Storage::Storage(const Device& d, size_t bytes)
-    : device_(d), bytes_(bytes), data_(device_alloc(d, bytes)) {}
+namespace {
+// Page-locked host memory, or nullptr when no GPU is usable (or it cannot be had).
+void* pinned_alloc(size_t bytes) {
+#ifdef DPTRAIN_HAVE_CUDA
+  static const bool usable = cuda_device_count() > 0;
+  void* p = nullptr;
+  if (usable && bytes > 0 && cudaHostAlloc(&p, bytes, cudaHostAllocPortable) == cudaSuccess)
+    return p;
+  if (usable) cudaGetLastError();  // not sticky; cleared so that later calls do not see it
+#endif
+  (void)bytes;
+  return nullptr;
+}
+}  // namespace
+
+Storage::Storage(const Device& d, size_t bytes, bool pinned)
+    : device_(d), bytes_(bytes), data_(nullptr) {
+  DPT_ASSERT(!pinned || d.is_cpu(), "pinned memory is host memory, not ", d.str());
+  if (pinned) data_ = pinned_alloc(bytes);
+  pinned_ = data_ != nullptr;
+  if (!pinned_) data_ = device_alloc(d, bytes);
+}
 Storage::~Storage() {
+#ifdef DPTRAIN_HAVE_CUDA
+  if (pinned_) {
+    cudaFreeHost(data_);
+    return;
+  }
+#endif
   device_free(device_, data_, bytes_);
 }
 
 Tensor::Tensor(Shape shape, DType dtype, Device device)
     : shape_(std::move(shape)), numel_(shape_numel(shape_)), dtype_(dtype) {
   storage_ = std::make_shared<Storage>(device, size_t(numel_) * dtype_size(dtype));
+}
+
+Tensor Tensor::pinned(Shape shape, DType dtype) {
+  Tensor t;
+  t.shape_ = std::move(shape);
+  t.numel_ = shape_numel(t.shape_);
+  t.dtype_ = dtype;
+  t.storage_ = std::make_shared<Storage>(Device::cpu(), size_t(t.numel_) * dtype_size(dtype), true);
+  return t;
 }
 
 Tensor Tensor::zeros(Shape shape, DType dtype, Device device) {

@@ -150,8 +150,10 @@ struct Loader::Impl {
         handed_out.erase(it);
         break;
       }
-    if (!s.batch.images.defined()) s.batch.images = Tensor({s.rows, c, h, w}, DType::F32);
-    s.batch.labels = Tensor({s.rows}, DType::I64);
+    if (!s.batch.images.defined())  // reused above when possible (page-locking is slow)
+      s.batch.images =
+          opt.pinned ? Tensor::pinned({s.rows, c, h, w}) : Tensor({s.rows, c, h, w}, DType::F32);
+    s.batch.labels = Tensor({s.rows}, DType::I64);  // small: not worth page-locking anew
     s.batch.index = b;
     s.first = 0;
     s.last = s.rows;

@@ -275,6 +275,23 @@ TEST(Cuda, MixedPrecisionHelpersEqualTheCpu) {
   EXPECT_TRUE(scale_check_({&ga, &gb}, 1.0f));
 }
 
+// Tensor::pinned is page-locked host memory on a GPU machine, and copies through it round trip.
+TEST(Cuda, PinnedHostTensors) {
+  NEED_GPU();
+  Tensor p = Tensor::pinned({1000});
+  ASSERT_TRUE(p.is_pinned());
+  cudaPointerAttributes attr{};
+  ASSERT_EQ(cudaPointerGetAttributes(&attr, p.raw()), cudaSuccess);
+  EXPECT_EQ(attr.type, cudaMemoryTypeHost);
+  const Tensor x = random({1000}, 31);
+  p.copy_from(x);
+  const Tensor g = p.to(kGpu);
+  EXPECT_EQ(g.to_vector(), x.to_vector());
+  Tensor back = Tensor::pinned({1000});
+  back.copy_from(g);
+  EXPECT_EQ(back.to_vector(), x.to_vector());
+}
+
 // The dptrain binary: $DPTRAIN_BIN (the GPU bundle's) or this build's.
 std::string run_dptrain(const std::string& args, int* code) {
   const char* env = std::getenv("DPTRAIN_BIN");

@@ -1003,6 +1003,27 @@ TEST(Loader, WorkersDoNotChangeTheBatches) {
   }
 }
 
+// Batches bound for a GPU come in page-locked memory (LoaderOptions::pinned) when a GPU is
+// usable; either way they hold the same values. Without a GPU, Tensor::pinned is ordinary memory.
+TEST(Loader, PinnedBatchesAreTheSameBatches) {
+  KnownDataset ds(77, 2, 6, 6);
+  Loader plain(ds, augmented(6));
+  const Epoch ref = run_epoch(plain, 1);
+  LoaderOptions o = augmented(6);
+  o.pinned = true;
+  o.workers = 2;
+  Loader pinned(ds, o);
+  const Epoch e = run_epoch(pinned, 1);
+  EXPECT_EQ(e.labels, ref.labels);
+  EXPECT_EQ(e.images, ref.images);
+  Tensor t = Tensor::pinned({3, 4});
+  EXPECT_TRUE(t.device().is_cpu());
+  EXPECT_EQ(t.is_pinned(), cuda_device_count() > 0);
+  t.zero_();
+  EXPECT_EQ(t.to_vector(), std::vector<float>(12, 0.0f));
+  EXPECT_FALSE(Tensor({2}).is_pinned());
+}
+
 // torch.chunk rows of replica r among `replicas` for a batch of n (DataParallel's split).
 std::pair<int64_t, int64_t> chunk_rows(int64_t n, int replicas, int r) {
   const int64_t chunk = (n + replicas - 1) / replicas;
