@@ -58,6 +58,9 @@ void device_copy(const Device& dst_dev, void* dst, const Device& src_dev, const 
   if (!bytes) return;
 #ifdef DPTRAIN_HAVE_CUDA
   if (dst_dev.is_cuda() || src_dev.is_cuda()) {  // unified addressing: the runtime knows where
+    // On the device whose kernels produced the source (else the destination's): cudaMemcpy runs
+    // on that device's legacy stream, which waits for its per-thread streams' work.
+    DPT_CUDA(cudaSetDevice(src_dev.is_cuda() ? src_dev.index : dst_dev.index));
     DPT_CUDA(cudaMemcpy(dst, src, bytes, cudaMemcpyDefault));
     return;
   }

@@ -26,6 +26,8 @@ DPT_LOSS_KERNELS
 
 inline float softmax_cross_entropy(const Tensor& logits, const Tensor& targets, Tensor* dlogits,
                                    float scale = 1.0f, int64_t* correct = nullptr) {
+  DPT_ASSERT(!dlogits || dlogits->shape() == logits.shape(), "softmax_cross_entropy: dlogits ",
+             dlogits ? shape_str(dlogits->shape()) : "", " for logits ", shape_str(logits.shape()));
   DPT_ON_DEVICE(logits.device(), softmax_cross_entropy, logits, targets, dlogits, scale, correct);
 }
 

@@ -32,6 +32,9 @@ DPT_POOL_KERNELS
 }  // namespace cuda
 
 inline void maxpool2d_forward(const Tensor& x, Tensor& y, const PoolParams& p) {
+  // A window of padding only would have no maximum (PyTorch refuses it the same way).
+  DPT_ASSERT(p.pad <= p.kernel / 2, "max pool padding ", p.pad, " exceeds half the kernel ",
+             p.kernel);
   DPT_ON_DEVICE(x.device(), maxpool2d_forward, x, y, p);
 }
 // x is the forward input: the argmax is recomputed instead of stored.
