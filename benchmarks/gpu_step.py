@@ -1,7 +1,9 @@
 #!/usr/bin/env python3
-"""One-GPU training step of a ResNet at 224x224, fp32 with TF32 off: dptrain's bench_gpu against
-torchvision's model under PyTorch eager, same batch, same step (forward, cross-entropy, backward,
-SGD with momentum, the loss read back every step), in one run. Prints a table with ratios.
+"""One-GPU training step of a ResNet at 224x224: dptrain's bench_gpu against torchvision's model
+under PyTorch eager, same batch, same step (forward, cross-entropy, backward, SGD with momentum,
+the loss read back every step), in one run, at fp32 (TF32 off), fp16 and bf16. PyTorch runs the
+16-bit precisions as its users would: autocast, channels_last, GradScaler for fp16. Prints a table
+with ratios.
 
   python3 benchmarks/gpu_step.py --binary gpu-bundle/bin/bench_gpu [--model resnet152]
                                  [--batch 64] [--steps 20] [--markdown PATH]
@@ -11,7 +13,7 @@ Runs where the GPU is (scripts/gpu-check.sh); needs PyTorch with CUDA and torchv
 import argparse, json, subprocess, sys, time
 
 
-def torch_step(model_name, batch, steps):
+def torch_step(model_name, batch, steps, precision):
     import torch, torchvision
     torch.backends.cudnn.allow_tf32 = False
     torch.backends.cuda.matmul.allow_tf32 = False
@@ -22,12 +24,19 @@ def torch_step(model_name, batch, steps):
     x = torch.randn(batch, 3, 224, 224, device=dev)
     t = torch.arange(batch, device=dev) % 1000
     loss_fn = torch.nn.CrossEntropyLoss()
+    half = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(precision)
+    if half is not None:
+        model = model.to(memory_format=torch.channels_last)
+        x = x.to(memory_format=torch.channels_last)
+    scaler = torch.cuda.amp.GradScaler(enabled=precision == "fp16")
 
     def step():
         opt.zero_grad(set_to_none=True)
-        loss = loss_fn(model(x), t)
-        loss.backward()
-        opt.step()
+        with torch.autocast("cuda", dtype=half or torch.float32, enabled=half is not None):
+            loss = loss_fn(model(x), t)
+        scaler.scale(loss).backward()
+        scaler.step(opt)
+        scaler.update()
         return loss.item()
 
     for _ in range(3):
@@ -53,23 +62,29 @@ def main():
     p.add_argument("--markdown")
     args = p.parse_args()
     import torch
-    ours = json.loads(subprocess.run([args.binary, args.model, str(args.batch), str(args.steps)],
-                                     check=True, capture_output=True, text=True).stdout)
-    theirs = torch_step(args.model, args.batch, args.steps)
     gpu = torch.cuda.get_device_name(0)
-    rows = [("dptrain", ours), ("PyTorch eager", theirs)]
-    lines = ["| fp32, TF32 off | img/s | step ms | peak allocated | peak reserved | img/s vs PyTorch |",
-             "|---|---|---|---|---|---|"]
-    for name, r in rows:
-        lines.append(f"| {name} | {r['images_per_second']:.1f} | {r['step_ms']:.1f} | "
-                     f"{r['peak_bytes'] / 2**30:.2f} GiB | {r['peak_reserved_bytes'] / 2**30:.2f} GiB | "
-                     f"{r['images_per_second'] / theirs['images_per_second']:.2f}x |")
+    lines = ["| precision | side | img/s | step ms | peak allocated | peak reserved | img/s vs PyTorch |",
+             "|---|---|---|---|---|---|---|"]
+    device_bytes = {}
+    for precision in ("fp32", "fp16", "bf16"):
+        ours = json.loads(subprocess.run(
+            [args.binary, args.model, str(args.batch), str(args.steps), precision],
+            check=True, capture_output=True, text=True).stdout)
+        theirs = torch_step(args.model, args.batch, args.steps, precision)
+        torch.cuda.empty_cache()
+        device_bytes[precision] = ours["device_bytes"]
+        for name, r in (("dptrain", ours), ("PyTorch eager", theirs)):
+            lines.append(f"| {precision} | {name} | {r['images_per_second']:.1f} | {r['step_ms']:.1f} | "
+                         f"{r['peak_bytes'] / 2**30:.2f} GiB | {r['peak_reserved_bytes'] / 2**30:.2f} GiB | "
+                         f"{r['images_per_second'] / theirs['images_per_second']:.2f}x |")
     note = (f"{args.model}, batch {args.batch}, 224x224, {args.steps} timed steps after 3; {gpu}; "
-            f"PyTorch {torch.__version__}. Peak memory over the timed steps, from each side's "
-            f"caching allocator: allocated = in tensors (PyTorch's max_memory_allocated), reserved "
-            f"= held from the driver (max_memory_reserved). Ours, cuDNN workspaces and handles "
-            f"included (cudaMemGetInfo less the CUDA context, warm-up): "
-            f"{ours['device_bytes'] / 2**30:.2f} GiB.")
+            f"PyTorch {torch.__version__} (fp16/bf16: autocast + channels_last, GradScaler for "
+            f"fp16). dptrain's fp16/bf16 are its numerics only (16-bit rounding over fp32 "
+            f"storage and math), not yet its speed. Peak memory over the timed steps, from each "
+            f"side's caching allocator: allocated = in tensors (PyTorch's max_memory_allocated), "
+            f"reserved = held from the driver (max_memory_reserved). Ours with cuDNN workspaces "
+            f"and handles (cudaMemGetInfo less the CUDA context, warm-up): " +
+            ", ".join(f"{p} {b / 2**30:.2f} GiB" for p, b in device_bytes.items()) + ".")
     text = "\n".join(lines) + "\n\n" + note + "\n"
     print(text)
     if args.markdown:

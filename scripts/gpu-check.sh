@@ -5,7 +5,8 @@
 # against the CPU engine, the trainer on one GPU against the CPU with checkpoints and resume;
 # test_nccl) and the one-GPU benchmark against PyTorch from gpu-bundle/
 # (made beforehand by scripts/gpu-bundle.sh on a Debian machine), and writes one report,
-# $OUT/gpu-report.md (or ./gpu-report.md). About 5 minutes on an H200.
+# $OUT/gpu-report.md (or ./gpu-report.md). At most 8 minutes (timeouts 200 + 60 + 200 s after
+# the test binaries start; expected about 5).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 [ -x gpu-bundle/bin/test_cuda ] || { echo "gpu-check: gpu-bundle/ is missing: run scripts/gpu-bundle.sh first"; exit 1; }
@@ -23,14 +24,14 @@ export DPTRAIN_BIN="$PWD/gpu-bundle/bin/dptrain"  # for test_cuda's trainer test
   echo
   echo "## test_cuda"
   echo '```'
-  timeout 300 gpu-bundle/bin/test_cuda 2>&1 | tail -60
+  timeout 200 gpu-bundle/bin/test_cuda 2>&1 | tail -60
   echo '```'
   echo "## test_nccl"
   echo '```'
-  timeout 120 gpu-bundle/bin/test_nccl 2>&1 | tail -30
+  timeout 60 gpu-bundle/bin/test_nccl 2>&1 | tail -30
   echo '```'
-  echo "## benchmark: ResNet-152 training step, fp32"
-  timeout 240 "$py" benchmarks/gpu_step.py --binary gpu-bundle/bin/bench_gpu --model resnet152 \
+  echo "## benchmark: ResNet-152 training step, fp32, fp16 and bf16"
+  timeout 200 "$py" benchmarks/gpu_step.py --binary gpu-bundle/bin/bench_gpu --model resnet152 \
     --batch 64 --steps 20 2>&1
 } 2>&1 | tee "$report"
 status=0
