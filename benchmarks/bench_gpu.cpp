@@ -44,7 +44,7 @@ int main(int argc, char** argv) {
     DPT_CUDA(cudaMemGetInfo(&free_bytes, &total));
     const size_t baseline = total - free_bytes;
     const std::string precision = argc > 4 ? argv[4] : "fp32";
-    DPT_CHECK(precision == "fp32" || precision == "fp16" || precision == "bf16", dpt::UsageError,
+    DPT_CHECK(precision == "fp32" || precision == "fp16" || precision == "bf16", UsageError,
               "precision must be fp32, fp16 or bf16, not ", precision);
     auto model = dpt::make_model(spec, 0);
     model->to(gpu);
