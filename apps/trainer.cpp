@@ -371,7 +371,6 @@ TrainResult train(TrainConfig cfg) {
   if (cfg.augment) lo.augment = Augment{train_set->height() <= 28 ? 2 : 4, true};
 
   std::unique_ptr<Module> model = make_model(cfg.arch, cfg.seed);
-  model->set_precision(fp16 ? DType::F16 : cfg.precision == "bf16" ? DType::BF16 : DType::F32);
   TrainResult res;
   if (!cfg.init_from.empty()) res.init_note = init_from_checkpoint(*model, cfg.init_from);
   DataParallel* dp = nullptr;
@@ -383,6 +382,8 @@ TrainResult train(TrainConfig cfg) {
   } else {
     model->to(dev);
   }
+  // After wrapping: DataParallel passes it on to every replica.
+  model->set_precision(fp16 ? DType::F16 : cfg.precision == "bf16" ? DType::BF16 : DType::F32);
   model->train();
   res.parameters = model->num_parameters();
   int64_t step = 0;

@@ -433,6 +433,11 @@ void DataParallel::to(const Device& d) {
             " and its replicas' devices; it cannot move to ", d.str());
 }
 
+void DataParallel::set_precision(DType d) {
+  Module::set_precision(d);
+  for (Module* m : replicas_) m->set_precision(d);
+}
+
 void DataParallel::release() {
   for (Module* m : replicas_)
     for (auto& [n, sub] : m->named_modules()) sub->release();

@@ -60,6 +60,7 @@ class DataParallel : public Module {
   void train(bool on = true) override;
   void zero_grad() override;
   void to(const Device& d) override;
+  void set_precision(DType d) override;  // on every replica
   void release() override;
   const ArchSpec* arch() const override { return replicas_[0]->arch(); }
   // Loads into replica 0 ("module." keys) and copies the result to every other replica.

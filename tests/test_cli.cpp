@@ -324,6 +324,10 @@ TEST(Cli, MixedPrecisionLossScalingAndResume) {
   CliRun refused = dptrain(other);
   EXPECT_NE(refused.code, 0);
   EXPECT_NE(refused.err.find("resume with the same precision"), std::string::npos) << refused.err;
+  // DataParallel: every replica rounds (test_parallel checks they all have the precision).
+  CliRun dp = dptrain(ckpt_run(dir, "cpu*2") + "--max-steps 2 --json --precision fp16");
+  ASSERT_EQ(dp.code, 0) << dp.err;
+  EXPECT_TRUE(nlohmann::json::parse(dp.out).contains("skipped_steps"));
   expect_error(base + "--precision fp8", 2, "--precision");
 }
 

@@ -136,6 +136,15 @@ TEST(DataParallel, ModulePrefixAsPyTorch) {
   EXPECT_EQ(&outer->module(), outer->named_modules()[1].second);
 }
 
+// Mixed precision reaches every replica, not only the wrapped model (replica 0).
+TEST(DataParallel, PrecisionReachesEveryReplica) {
+  auto dp = wrap(3, BnMode::Sync);
+  dp->set_precision(DType::F16);
+  for (int r = 0; r < 3; ++r)
+    for (auto& [name, m] : dp->replica(r).named_modules())
+      EXPECT_EQ(m->precision(), DType::F16) << "replica " << r << " " << name;
+}
+
 TEST(DataParallel, TorchChunkSemantics) {
   auto dp2 = wrap(2, BnMode::Local), dp3 = wrap(3, BnMode::Local);
   EXPECT_EQ(dp2->chunk_sizes(5), (std::vector<int64_t>{3, 2}));
