@@ -349,9 +349,8 @@ TrainResult train(TrainConfig cfg) {
     DPT_CHECK(device_available(d, &why), DeviceError, why);
   }
   const BnMode bn_mode = parse_bn_mode(cfg.bn);
-  DPT_CHECK(cfg.precision == "fp32" || cfg.precision == "fp16" || cfg.precision == "bf16",
-            UsageError, "unknown --precision '", cfg.precision, "': expected fp32, fp16 or bf16");
-  const bool fp16 = cfg.precision == "fp16";
+  const DType precision = Module::parse_precision(cfg.precision);
+  const bool fp16 = precision == DType::F16;
   GradScaler scaler(cfg.loss_scale);
   if (cfg.threads > 0) omp_set_num_threads(cfg.threads);
   const LrSchedule::Kind schedule_kind = LrSchedule::parse(cfg.lr_schedule);
@@ -383,7 +382,7 @@ TrainResult train(TrainConfig cfg) {
     model->to(dev);
   }
   // After wrapping: DataParallel passes it on to every replica.
-  model->set_precision(fp16 ? DType::F16 : cfg.precision == "bf16" ? DType::BF16 : DType::F32);
+  model->set_precision(precision);
   model->train();
   res.parameters = model->num_parameters();
   int64_t step = 0;

@@ -44,13 +44,9 @@ int main(int argc, char** argv) {
     DPT_CUDA(cudaMemGetInfo(&free_bytes, &total));
     const size_t baseline = total - free_bytes;
     const std::string precision = argc > 4 ? argv[4] : "fp32";
-    DPT_CHECK(precision == "fp32" || precision == "fp16" || precision == "bf16", UsageError,
-              "precision must be fp32, fp16 or bf16, not ", precision);
     auto model = dpt::make_model(spec, 0);
     model->to(gpu);
-    model->set_precision(precision == "fp16"   ? dpt::DType::F16
-                         : precision == "bf16" ? dpt::DType::BF16
-                                               : dpt::DType::F32);
+    model->set_precision(dpt::Module::parse_precision(precision));
     dpt::GradScaler scaler;
     model->train();
     dpt::Tensor x({batch, 3, 224, 224}), t({batch}, dpt::DType::I64);

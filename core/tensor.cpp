@@ -116,17 +116,15 @@ Storage::~Storage() {
 }
 
 Tensor::Tensor(Shape shape, DType dtype, Device device)
+    : Tensor(std::move(shape), dtype, device, false) {}
+
+Tensor::Tensor(Shape shape, DType dtype, Device device, bool pinned)
     : shape_(std::move(shape)), numel_(shape_numel(shape_)), dtype_(dtype) {
-  storage_ = std::make_shared<Storage>(device, size_t(numel_) * dtype_size(dtype));
+  storage_ = std::make_shared<Storage>(device, size_t(numel_) * dtype_size(dtype), pinned);
 }
 
 Tensor Tensor::pinned(Shape shape, DType dtype) {
-  Tensor t;
-  t.shape_ = std::move(shape);
-  t.numel_ = shape_numel(t.shape_);
-  t.dtype_ = dtype;
-  t.storage_ = std::make_shared<Storage>(Device::cpu(), size_t(t.numel_) * dtype_size(dtype), true);
-  return t;
+  return Tensor(std::move(shape), dtype, Device::cpu(), true);
 }
 
 Tensor Tensor::zeros(Shape shape, DType dtype, Device device) {

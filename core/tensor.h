@@ -107,6 +107,7 @@ class Tensor {
   std::vector<float> to_vector() const;  // float32 view of the values, from any device/dtype
 
  private:
+  Tensor(Shape shape, DType dtype, Device device, bool pinned);
   void check_type(DType t) const;
   Shape shape_;
   int64_t numel_ = 0;

@@ -69,6 +69,9 @@ class Module {
   // rounding). Set on this module and every descendant.
   virtual void set_precision(DType d);
   DType precision() const { return precision_; }
+  // "fp32", "fp16" or "bf16" (the CLI's --precision) as the dtype set_precision takes;
+  // UsageError otherwise.
+  static DType parse_precision(const std::string& name);
   Device device();
   virtual void zero_grad();
   // Drops tensors kept for backward (after backward, or when a forward's output is not used).
