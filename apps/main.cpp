@@ -334,14 +334,24 @@ int run(int argc, char** argv, const dpt::MpiRuntime* mpi) {
   }
   cfg.devices = dpt::parse_devices(devices);
   if (mpi) {
-    // One replica per process (DistributedDataParallel style): "auto" means this rank's share.
-    if (devices == "auto") cfg.devices = {dpt::Device::cpu()};
+    // One replica per process (DistributedDataParallel style): "auto" means this rank's share,
+    // the GPU numbered by its rank on the node, or the CPU without GPUs.
+    if (devices == "auto" && cfg.devices[0].is_cuda()) {
+      const int gpus = int(cfg.devices.size());
+      if (mpi->local_size() > gpus)
+        throw dpt::UsageError("--devices auto: " + std::to_string(mpi->local_size()) +
+                              " ranks on this node but " + std::to_string(gpus) +
+                              " GPU(s); start at most one rank per GPU");
+      cfg.devices = {cfg.devices[size_t(mpi->local_rank())]};
+    } else if (devices == "auto") {
+      cfg.devices = {dpt::Device::cpu()};
+    }
     if (cfg.devices.size() != 1)
       throw dpt::UsageError(
-          "under mpirun each process drives one device; pass --devices cpu "
-          "(or auto), not " +
+          "under mpirun each process drives one device; pass --devices cpu, cuda:N or auto, "
+          "not " +
           devices);
-    cfg.group = mpi->group();
+    cfg.group = cfg.devices[0].is_cuda() ? mpi->nccl_group(cfg.devices[0]) : mpi->group();
     if (cfg.threads == 0)
       cfg.threads = std::max(1, int(std::thread::hardware_concurrency()) / mpi->local_size());
   }

@@ -581,9 +581,9 @@ TrainResult train(TrainConfig cfg) {
     if (!cfg.stop) return false;
     stop_signal = cfg.stop->load();
     if (stop_comm) {
-      Tensor flag = Tensor::full({1}, float(stop_signal));
+      Tensor flag = Tensor::full({1}, float(stop_signal), dev);  // on the GPU for NCCL
       stop_comm->all_reduce_sum(cfg.group.rank, flag);
-      if (flag.at(0) > 0 && stop_signal == 0) stop_signal = SIGTERM;  // another rank's signal
+      if (flag.to_vector()[0] > 0 && stop_signal == 0) stop_signal = SIGTERM;  // another rank's
     }
     return stop_signal != 0;
   };

@@ -9,7 +9,12 @@
 // the warm-up. Driven by gpu_step.py, which times torchvision's model the same way beside it
 // (scripts/gpu-check.sh).
 //
-//   bench_gpu MODEL BATCH STEPS [fp32|fp16|bf16]
+// With "dp", the model is wrapped in DataParallel over every visible GPU (NCCL, local BatchNorm,
+// 25 MiB gradient buckets reduced while backward runs), fed the same batch on cuda:0; the JSON
+// adds "replicas" and, per timed step, "communication_ms" (inside the all-reduces) and
+// "exposed_communication_ms" (the part backward's end waited for).
+//
+//   bench_gpu MODEL BATCH STEPS [fp32|fp16|bf16] [dp]
 #include <cuda_runtime.h>
 
 #include <chrono>
@@ -24,10 +29,11 @@
 #include "kernels/loss.h"
 #include "models/arch.h"
 #include "models/optimizer.h"
+#include "parallel/data_parallel.h"
 
 int main(int argc, char** argv) {
   if (argc < 4) {
-    std::fprintf(stderr, "usage: bench_gpu MODEL BATCH STEPS [fp32|fp16|bf16]\n");
+    std::fprintf(stderr, "usage: bench_gpu MODEL BATCH STEPS [fp32|fp16|bf16] [dp]\n");
     return 2;
   }
   try {
@@ -44,9 +50,19 @@ int main(int argc, char** argv) {
     DPT_CUDA(cudaMemGetInfo(&free_bytes, &total));
     const size_t baseline = total - free_bytes;
     const std::string precision = argc > 4 ? argv[4] : "fp32";
-    auto model = dpt::make_model(spec, 0);
-    model->to(gpu);
+    std::unique_ptr<dpt::Module> model = dpt::make_model(spec, 0);
+    dpt::DataParallel* dp = nullptr;
+    if (argc > 5 && std::string(argv[5]) == "dp") {
+      std::vector<dpt::Device> gpus;
+      for (int i = 0; i < dpt::cuda_device_count(); ++i) gpus.push_back(dpt::Device::cuda(i));
+      model = std::make_unique<dpt::DataParallel>(
+          std::move(model), [spec] { return dpt::make_model(spec, 0); }, gpus);
+      dp = static_cast<dpt::DataParallel*>(model.get());
+    } else {
+      model->to(gpu);
+    }
     model->set_precision(dpt::Module::parse_precision(precision));
+    const int replicas = dp ? dp->num_replicas() : 1;
     dpt::GradScaler scaler;
     model->train();
     dpt::Tensor x({batch, 3, 224, 224}), t({batch}, dpt::DType::I64);
@@ -54,7 +70,9 @@ int main(int argc, char** argv) {
     for (int64_t i = 0; i < x.numel(); ++i) x.data<float>()[i] = rng.normal();
     for (int64_t i = 0; i < batch; ++i) t.data<int64_t>()[i] = i % 1000;
     const dpt::Tensor gx = x.to(gpu), gt = t.to(gpu);
-    dpt::Sgd opt({0.1f, 0.9f, 0.0f, 1e-4f, false});
+    std::vector<dpt::Sgd> opts;
+    for (int r = 0; r < replicas; ++r)
+      opts.emplace_back(dpt::SgdParams{0.1f, 0.9f, 0.0f, 1e-4f, false});
     auto sample = [&] {
       DPT_CUDA(cudaDeviceSynchronize());
       DPT_CUDA(cudaMemGetInfo(&free_bytes, &total));
@@ -70,25 +88,39 @@ int main(int argc, char** argv) {
       if (precision == "fp16") scaler.scale_loss_grad(dz);
       model->backward(std::move(dz));
       if (measure) sample();
-      const bool overflow = precision == "fp16" && scaler.unscale(*model);
-      if (precision == "fp16") scaler.update(overflow);
-      if (!overflow) opt.step(*model);
+      std::vector<char> overflow(size_t(replicas), 0);
+      auto update = [&](dpt::Module& m, int r) {
+        if (precision == "fp16" && (overflow[size_t(r)] = scaler.unscale(m))) return;
+        opts[size_t(r)].step(m);
+      };
+      if (dp)
+        dp->for_each_replica(update);
+      else
+        update(*model, 0);
+      if (precision == "fp16") scaler.update(overflow[0] != 0);
       if (measure) sample();
     };
     for (int k = 0; k < 3; ++k) step(true);
     dpt::cuda_allocator().reset_peak(0);
+    const double comm0 = dp ? dp->communication_seconds() : 0,
+                 exposed0 = dp ? dp->exposed_communication_seconds() : 0;
     const auto t0 = std::chrono::steady_clock::now();
     for (int64_t k = 0; k < steps; ++k) step(false);
     DPT_CUDA(cudaDeviceSynchronize());
     const double s = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
     const dpt::AllocatorStats mem = dpt::cuda_allocator().stats(0);
-    std::printf("%s\n", nlohmann::json{{"images_per_second", double(batch * steps) / s},
-                                       {"step_ms", 1000 * s / double(steps)},
-                                       {"peak_bytes", mem.peak_in_use},
-                                       {"peak_reserved_bytes", mem.peak_reserved},
-                                       {"device_bytes", peak - baseline}}
-                            .dump()
-                            .c_str());
+    nlohmann::json out{{"images_per_second", double(batch * steps) / s},
+                       {"step_ms", 1000 * s / double(steps)},
+                       {"peak_bytes", mem.peak_in_use},
+                       {"peak_reserved_bytes", mem.peak_reserved},
+                       {"device_bytes", peak - baseline},
+                       {"replicas", replicas}};
+    if (dp) {
+      out["communication_ms"] = 1000 * (dp->communication_seconds() - comm0) / double(steps);
+      out["exposed_communication_ms"] =
+          1000 * (dp->exposed_communication_seconds() - exposed0) / double(steps);
+    }
+    std::printf("%s\n", out.dump().c_str());
   } catch (const dpt::Error& e) {
     std::fprintf(stderr, "bench_gpu: %s\n", e.what());
     return 1;

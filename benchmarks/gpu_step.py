@@ -3,7 +3,8 @@
 under PyTorch eager, same batch, same step (forward, cross-entropy, backward, SGD with momentum,
 the loss read back every step), in one run, at fp32 (TF32 off), fp16 and bf16. PyTorch runs the
 16-bit precisions as its users would: autocast, channels_last, GradScaler for fp16. Prints a table
-with ratios.
+with ratios. Then dptrain's DataParallel over every visible GPU (NCCL) at fp32 against the bare
+model: the wrapper's overhead and how much of the gradient all-reduce backward hides.
 
   python3 benchmarks/gpu_step.py --binary gpu-bundle/bin/bench_gpu [--model resnet152]
                                  [--batch 64] [--steps 20] [--markdown PATH]
@@ -66,10 +67,14 @@ def main():
     lines = ["| precision | side | img/s | step ms | peak allocated | peak reserved | img/s vs PyTorch |",
              "|---|---|---|---|---|---|---|"]
     device_bytes = {}
-    for precision in ("fp32", "fp16", "bf16"):
-        ours = json.loads(subprocess.run(
-            [args.binary, args.model, str(args.batch), str(args.steps), precision],
+    def ours_step(precision, *extra):
+        return json.loads(subprocess.run(
+            [args.binary, args.model, str(args.batch), str(args.steps), precision, *extra],
             check=True, capture_output=True, text=True).stdout)
+
+    bare = {}
+    for precision in ("fp32", "fp16", "bf16"):
+        ours = bare[precision] = ours_step(precision)
         theirs = torch_step(args.model, args.batch, args.steps, precision)
         torch.cuda.empty_cache()
         device_bytes[precision] = ours["device_bytes"]
@@ -85,7 +90,15 @@ def main():
             f"reserved = held from the driver (max_memory_reserved). Ours with cuDNN workspaces "
             f"and handles (cudaMemGetInfo less the CUDA context, warm-up): " +
             ", ".join(f"{p} {b / 2**30:.2f} GiB" for p, b in device_bytes.items()) + ".")
-    text = "\n".join(lines) + "\n\n" + note + "\n"
+    dp = ours_step("fp32", "dp")
+    comm, exposed = dp["communication_ms"], dp["exposed_communication_ms"]
+    dp_line = (f"DataParallel on {dp['replicas']} GPU(s) through NCCL, fp32, batch {args.batch}: "
+               f"step {dp['step_ms']:.1f} ms against {bare['fp32']['step_ms']:.1f} ms bare "
+               f"(overhead {100 * (dp['step_ms'] / bare['fp32']['step_ms'] - 1):+.1f}%); gradient "
+               f"all-reduce {comm:.2f} ms per step, {exposed:.2f} ms of it exposed "
+               f"({100 * (1 - exposed / comm) if comm > 0 else 0:.0f}% hidden behind backward); "
+               f"peak allocated {dp['peak_bytes'] / 2**30:.2f} GiB on cuda:0.")
+    text = "\n".join(lines) + "\n\n" + note + "\n\n" + dp_line + "\n"
     print(text)
     if args.markdown:
         with open(args.markdown, "w") as f:

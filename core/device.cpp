@@ -1,11 +1,9 @@
 #include "core/device.h"
 
-#ifdef DPTRAIN_HAVE_CUDA
-#include <cuda_runtime.h>
-#endif
-
 #include <charconv>
+#include <utility>
 
+#include "core/cuda_check.h"
 #include "core/error.h"
 
 namespace dpt {
@@ -108,6 +106,54 @@ bool device_available(const Device& d, std::string* why) {
   }
   if (why) *why = reason;
   return false;
+}
+
+void device_sync(const Device& d) {
+#ifdef DPTRAIN_HAVE_CUDA
+  if (d.is_cuda()) {
+    DPT_CUDA(cudaSetDevice(d.index));
+    DPT_CUDA(cudaStreamSynchronize(cudaStreamPerThread));
+  }
+#else
+  (void)d;
+#endif
+}
+
+StreamMark::StreamMark(StreamMark&& o) noexcept
+    : event_(std::exchange(o.event_, nullptr)), device_(o.device_) {}
+
+StreamMark::~StreamMark() {
+#ifdef DPTRAIN_HAVE_CUDA
+  if (event_) cudaEventDestroy(static_cast<cudaEvent_t>(event_));
+#endif
+}
+
+void StreamMark::record(const Device& d) {
+#ifdef DPTRAIN_HAVE_CUDA
+  if (d.is_cuda()) {
+    DPT_CUDA(cudaSetDevice(d.index));
+    if (event_ && device_ != d.index) {
+      DPT_CUDA(cudaEventDestroy(static_cast<cudaEvent_t>(event_)));
+      event_ = nullptr;
+    }
+    if (!event_) {
+      cudaEvent_t e;
+      DPT_CUDA(cudaEventCreateWithFlags(&e, cudaEventDisableTiming));
+      event_ = e;
+      device_ = d.index;
+    }
+    DPT_CUDA(cudaEventRecord(static_cast<cudaEvent_t>(event_), cudaStreamPerThread));
+    return;
+  }
+#endif
+  DPT_ASSERT(d.is_cpu(), "a stream mark on ", d.str(), " needs CUDA support");
+  device_ = -1;
+}
+
+void StreamMark::wait() const {
+#ifdef DPTRAIN_HAVE_CUDA
+  if (device_ >= 0) DPT_CUDA(cudaEventSynchronize(static_cast<cudaEvent_t>(event_)));
+#endif
 }
 
 }  // namespace dpt

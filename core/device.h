@@ -37,4 +37,25 @@ bool device_available(const Device& d, std::string* why = nullptr);
 // CUDA_VISIBLE_DEVICES): 0 without a CUDA build, a driver or a GPU, with the reason in `why`.
 int cuda_device_count(std::string* why = nullptr);
 
+// Blocks until the work this thread has queued on d has finished (CUDA: the thread's stream on
+// that GPU). CPU work is finished when its call returns: nothing to wait for.
+void device_sync(const Device& d);
+
+// A point in the work this thread has queued on a device: record() sets it, wait() (from any
+// thread) blocks until everything queued before it has finished. A CPU mark is always reached.
+class StreamMark {
+ public:
+  StreamMark() = default;
+  ~StreamMark();
+  StreamMark(StreamMark&& o) noexcept;
+  StreamMark& operator=(StreamMark&&) = delete;
+  StreamMark(const StreamMark&) = delete;
+  void record(const Device& d);
+  void wait() const;
+
+ private:
+  void* event_ = nullptr;  // cudaEvent_t, made on first use on a GPU
+  int device_ = -1;
+};
+
 }  // namespace dpt

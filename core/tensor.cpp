@@ -62,6 +62,10 @@ void device_copy(const Device& dst_dev, void* dst, const Device& src_dev, const 
     // on that device's legacy stream, which waits for its per-thread streams' work.
     DPT_CUDA(cudaSetDevice(src_dev.is_cuda() ? src_dev.index : dst_dev.index));
     DPT_CUDA(cudaMemcpy(dst, src, bytes, cudaMemcpyDefault));
+    // A copy between two GPUs does not wait for the host, and the destination GPU's streams do
+    // not wait for the source GPU's legacy stream: finish it here.
+    if (dst_dev.is_cuda() && src_dev.is_cuda() && dst_dev.index != src_dev.index)
+      DPT_CUDA(cudaStreamSynchronize(cudaStreamLegacy));
     return;
   }
 #endif

@@ -32,6 +32,12 @@ Tensor rows(const Tensor& t, int64_t start, int64_t n, const Device& dev) {
   return out;
 }
 
+// t where communicator collectives take it: as it is on a CPU device (the in-process and MPI
+// communicators read host memory), copied to the GPU otherwise (NCCL).
+Tensor for_comm(Tensor t, const Device& dev) {
+  return dev.is_cpu() ? std::move(t) : t.to(dev);
+}
+
 // The tensors stacked along dim 0 on dev.
 Tensor cat_rows(const std::vector<Tensor>& parts, const Device& dev) {
   Shape s = parts[0].shape();
@@ -52,7 +58,8 @@ Tensor cat_rows(const std::vector<Tensor>& parts, const Device& dev) {
 // combine them exactly (in double); backward sums the per-channel gradient sums.
 class SyncBatchNormHook : public BatchNormSync {
  public:
-  SyncBatchNormHook(DataParallel& dp, int rank) : dp_(dp), rank_(rank) {}
+  SyncBatchNormHook(DataParallel& dp, int rank, Device device)
+      : dp_(dp), rank_(rank), device_(device) {}
 
   void reduce_stats(Tensor& mean, Tensor& var, int64_t& count) override {
     const int64_t C = mean.numel();
@@ -63,9 +70,10 @@ class SyncBatchNormHook : public BatchNormSync {
     std::copy(m.begin(), m.end(), p);
     std::copy(v.begin(), v.end(), p + C);
     p[2 * C] = float(count);
-    Tensor all({k * (2 * C + 1)});
-    dp_.comm(k).all_gather(rank_, mine, all);
-    const float* a = all.data<float>();
+    Tensor all = for_comm(Tensor({k * (2 * C + 1)}), device_);
+    dp_.comm(k).all_gather(rank_, for_comm(std::move(mine), device_), all);
+    const std::vector<float> gathered = all.to_vector();
+    const float* a = gathered.data();
     double total = 0;
     for (int r = 0; r < k; ++r) total += a[r * (2 * C + 1) + 2 * C];
     Tensor gm({C}), gv({C});
@@ -92,10 +100,12 @@ class SyncBatchNormHook : public BatchNormSync {
     Tensor buf({2 * C});
     std::copy(a.begin(), a.end(), buf.data<float>());
     std::copy(b.begin(), b.end(), buf.data<float>() + C);
-    dp_.comm(int(dp_.active())).all_reduce_sum(rank_, buf);
+    Tensor sums = for_comm(std::move(buf), device_);
+    dp_.comm(int(dp_.active())).all_reduce_sum(rank_, sums);
+    const std::vector<float> summed = sums.to_vector();
     Tensor head({C}), tail({C});
-    std::copy(buf.data<float>(), buf.data<float>() + C, head.data<float>());
-    std::copy(buf.data<float>() + C, buf.data<float>() + 2 * C, tail.data<float>());
+    std::copy(summed.begin(), summed.begin() + C, head.data<float>());
+    std::copy(summed.begin() + C, summed.end(), tail.data<float>());
     sum_dy.copy_from(head);
     sum_dy_xhat.copy_from(tail);
   }
@@ -103,6 +113,7 @@ class SyncBatchNormHook : public BatchNormSync {
  private:
   DataParallel& dp_;
   int rank_;
+  Device device_;
 };
 
 // One thread per replica, each with its share of the OpenMP threads; run() hands every thread
@@ -186,9 +197,8 @@ DataParallel::DataParallel(std::unique_ptr<Module> module, const Factory& make_r
   for (const Device& d : devices_) {
     std::string why;
     DPT_CHECK(device_available(d, &why), DeviceError, why);
-    DPT_CHECK(d.is_cpu(), DeviceError, "DataParallel on ", d.str(),
-              " is not implemented yet (replicas on GPUs, reduced with NCCL): train on one GPU "
-              "(--devices cuda:0) or on CPU devices");
+    DPT_CHECK(d.type == devices_[0].type, UsageError, "DataParallel replicas are all on GPUs or ",
+              "all on CPU devices, not on both ", devices_[0].str(), " and ", d.str());
   }
   DPT_CHECK(opt_.bucket_mb >= 0 && opt_.bucket_mb <= 65536, UsageError,
             "--bucket-mb must be between 0 and 65536, got ", opt_.bucket_mb);
@@ -200,6 +210,12 @@ DataParallel::DataParallel(std::unique_ptr<Module> module, const Factory& make_r
   {
     std::string why;
     DPT_CHECK(device_available(output_, &why), DeviceError, "output device: ", why);
+  }
+  if (devices_[0].is_cuda() && g.processes == 1) {  // NCCL among the first k GPUs
+    const std::vector<Device> gpus = devices_;
+    opt_.group.make = [gpus](int k) {
+      return make_nccl_communicator(std::vector<Device>(gpus.begin(), gpus.begin() + k));
+    };
   }
   const int n = int(devices_.size());
   world_ = g.processes * n;
@@ -226,7 +242,7 @@ DataParallel::DataParallel(std::unique_ptr<Module> module, const Factory& make_r
                                                       *grad_comm_, bucket_bytes));
   if (opt_.bn == BnMode::Sync) {
     for (int r = 0; r < n; ++r) {
-      hooks_.push_back(std::make_unique<SyncBatchNormHook>(*this, first_ + r));
+      hooks_.push_back(std::make_unique<SyncBatchNormHook>(*this, first_ + r, devices_[size_t(r)]));
       for (auto& [name, m] : replicas_[size_t(r)]->named_modules())
         if (auto* b = dynamic_cast<BatchNorm2d*>(m)) b->set_sync(hooks_.back().get());
     }
@@ -292,7 +308,11 @@ void DataParallel::abort_all(const std::string& why) {
 
 void DataParallel::run(const std::function<void(int)>& f) {
   try {
-    workers_->run(f);
+    // A task is over when its GPU work is: the caller then reads outputs and buffers directly.
+    workers_->run([&](int r) {
+      f(r);
+      device_sync(devices_[size_t(r)]);
+    });
   } catch (...) {
     // Every replica has left the task; wait for their communication threads to leave theirs
     // (aborted collectives throw) before the communicators are made usable again.
@@ -307,13 +327,16 @@ void DataParallel::run(const std::function<void(int)>& f) {
 // The shape of global rank 0's `t` (rank -1 dims: undefined) on every process. Only needed when
 // some processes have no chunk this step and so cannot know it themselves.
 namespace {
-Shape shape_of_rank0(Communicator& world, int rank, const Tensor& t) {
+Shape shape_of_rank0(Communicator& world, int rank, const Tensor& t, const Device& dev) {
   Tensor s = Tensor::zeros({9}, DType::I64);
   int64_t* p = s.data<int64_t>();
   p[0] = t.defined() ? t.ndim() : -1;
   DPT_ASSERT(p[0] <= 8, "gather of a tensor with ", p[0], " dims");
   for (int i = 0; i < t.ndim() && t.defined(); ++i) p[1 + i] = t.dim(i);
-  world.broadcast(rank, s, 0);
+  Tensor shared = for_comm(std::move(s), dev);
+  world.broadcast(rank, shared, 0);
+  s = shared.to(Device::cpu());
+  p = s.data<int64_t>();
   if (p[0] < 0) return {-1};
   return Shape(p + 1, p + 1 + p[0]);
 }
@@ -328,7 +351,8 @@ Tensor DataParallel::gather(std::vector<Tensor>& local) {
   }
   // One replica per process: every process contributes its chunk, padded to the largest.
   Tensor& mine = local[0];
-  Shape shape = k < world_ ? shape_of_rank0(comm(world_), first_, mine) : Shape{};
+  const Device& dev = devices_[0];
+  Shape shape = k < world_ ? shape_of_rank0(comm(world_), first_, mine, dev) : Shape{};
   if (k == world_) {
     if (!mine.defined()) return Tensor();
     shape = mine.shape();
@@ -336,10 +360,9 @@ Tensor DataParallel::gather(std::vector<Tensor>& local) {
   if (shape == Shape{-1}) return Tensor();
   DPT_ASSERT(!mine.defined() || mine.dtype() == DType::F32, "DataParallel gathers float32");
   const int64_t row = shape_numel(shape) / shape[0], most = sizes_[0];
-  Tensor padded = Tensor::zeros({most * row});
-  if (mine.defined())
-    device_copy(Device::cpu(), padded.raw(), mine.device(), mine.raw(), mine.nbytes());
-  Tensor all({world_ * most * row});
+  Tensor padded = Tensor::zeros({most * row}, DType::F32, dev);
+  if (mine.defined()) device_copy(dev, padded.raw(), mine.device(), mine.raw(), mine.nbytes());
+  Tensor all({world_ * most * row}, DType::F32, dev);
   comm(world_).all_gather(first_, padded, all);
   Shape out_shape = shape;
   out_shape[0] = 0;
@@ -347,8 +370,8 @@ Tensor DataParallel::gather(std::vector<Tensor>& local) {
   Tensor out(out_shape, DType::F32, output_);
   int64_t at = 0;
   for (int g = 0; g < k; ++g) {
-    device_copy(output_, out.data<float>() + at * row, Device::cpu(),
-                all.data<float>() + g * most * row,
+    device_copy(output_, static_cast<float*>(out.raw()) + at * row, dev,
+                static_cast<const float*>(all.raw()) + g * most * row,
                 size_t(sizes_[size_t(g)] * row) * sizeof(float));
     at += sizes_[size_t(g)];
   }

@@ -11,6 +11,10 @@
 // bucket while backward runs, so every replica ends with the gradient of the whole batch and
 // applies the same optimizer step (for_each_replica).
 //
+// Replicas are all on CPU devices (the in-process communicator, each replica with its share of
+// the cores) or all on GPUs (NCCL; one host thread per GPU queues its replica's kernels, and each
+// task ends once its GPU work has, so outputs and buffers can be read across devices).
+//
 // Several processes (mpirun): each process holds one replica of the job and passes the same
 // global batch; it runs its own chunk and the outputs are all-gathered, so every process sees the
 // whole batch's output exactly as with in-process replicas.

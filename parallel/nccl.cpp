@@ -1,6 +1,7 @@
 // NCCL communicator: the ranks are GPUs of this process, one replica thread each (so no NCCL
 // group calls are needed), created together with ncclCommInitAll. Each collective is enqueued on
-// the rank's own stream and waited for before returning, as the Communicator contract says.
+// the rank's own stream after the work the calling thread has queued on that GPU (an event on
+// its per-thread stream), and waited for before returning, as the Communicator contract says.
 // NCCL's ring reductions give every rank the same bits. Compiled when CUDA and NCCL are found.
 #include "parallel/communicator.h"
 
@@ -43,18 +44,21 @@ class NcclCommunicator : public Communicator {
 
   void all_reduce_sum(int rank, Tensor& t) override {
     check(rank, t, true);
+    after_caller(rank);
     DPT_NCCL(ncclAllReduce(t.raw(), t.raw(), size_t(t.numel()), ncclFloat32, ncclSum, comm(rank),
                            stream(rank)));
     wait(rank);
   }
   void reduce_sum(int rank, Tensor& t, int root) override {
     check(rank, t, true);
+    after_caller(rank);
     DPT_NCCL(ncclReduce(t.raw(), t.raw(), size_t(t.numel()), ncclFloat32, ncclSum, root, comm(rank),
                         stream(rank)));
     wait(rank);
   }
   void broadcast(int rank, Tensor& t, int root) override {
     check(rank, t, false);
+    after_caller(rank);
     DPT_NCCL(
         ncclBroadcast(t.raw(), t.raw(), t.nbytes(), ncclUint8, root, comm(rank), stream(rank)));
     wait(rank);
@@ -62,6 +66,7 @@ class NcclCommunicator : public Communicator {
   void all_gather(int rank, const Tensor& in, Tensor& out) override {
     check(rank, in, true);
     DPT_ASSERT(out.numel() == in.numel() * size(), "all_gather: out has ", out.numel(), " values");
+    after_caller(rank);
     DPT_NCCL(ncclAllGather(in.raw(), out.raw(), size_t(in.numel()), ncclFloat32, comm(rank),
                            stream(rank)));
     wait(rank);
@@ -96,18 +101,23 @@ class NcclCommunicator : public Communicator {
       DPT_NCCL(ncclCommInitAll(comms_.data(), int(ids.size()), ids.data()));
     }
     streams_.assign(ids.size(), nullptr);
+    events_.assign(ids.size(), nullptr);
     for (size_t r = 0; r < ids.size(); ++r) {
       DPT_CUDA(cudaSetDevice(ids[r]));
-      DPT_CUDA(cudaStreamCreateWithFlags(&streams_[r], cudaStreamNonBlocking));
+      // A blocking stream: it also waits for copies on the GPU's legacy stream (cudaMemcpy).
+      DPT_CUDA(cudaStreamCreate(&streams_[r]));
+      DPT_CUDA(cudaEventCreateWithFlags(&events_[r], cudaEventDisableTiming));
     }
   }
   void destroy() noexcept {
     for (size_t r = 0; r < comms_.size(); ++r) {
       if (comms_[r]) ncclCommDestroy(comms_[r]);
       if (r < streams_.size() && streams_[r]) cudaStreamDestroy(streams_[r]);
+      if (r < events_.size() && events_[r]) cudaEventDestroy(events_[r]);
     }
     comms_.clear();
     streams_.clear();
+    events_.clear();
   }
   size_t local(int rank) const { return size_t(rank - first_); }
   ncclComm_t comm(int rank) const { return comms_[local(rank)]; }
@@ -118,6 +128,12 @@ class NcclCommunicator : public Communicator {
     DPT_ASSERT(t.device() == devices_[local(rank)] && (!f32 || t.dtype() == DType::F32),
                "NCCL rank ", rank, " takes tensors on ", devices_[local(rank)].str());
   }
+  // The collective reads what the calling thread's kernels wrote on this GPU.
+  void after_caller(int rank) {
+    DPT_CUDA(cudaSetDevice(devices_[local(rank)].index));
+    DPT_CUDA(cudaEventRecord(events_[local(rank)], cudaStreamPerThread));
+    DPT_CUDA(cudaStreamWaitEvent(stream(rank), events_[local(rank)], 0));
+  }
   void wait(int rank) { DPT_CUDA(cudaStreamSynchronize(stream(rank))); }
 
   std::vector<Device> devices_;
@@ -126,6 +142,7 @@ class NcclCommunicator : public Communicator {
   bool spans_processes_ = false;
   std::vector<ncclComm_t> comms_;
   std::vector<cudaStream_t> streams_;
+  std::vector<cudaEvent_t> events_;  // per rank: where the caller's stream stood
 };
 
 }  // namespace

@@ -6,7 +6,7 @@
 namespace dpt {
 
 GradReducer::GradReducer(Module& replica, int rank, Communicator& comm, size_t bucket_bytes)
-    : rank_(rank), comm_(comm) {
+    : rank_(rank), device_(replica.device()), comm_(comm) {
   auto params = replica.named_parameters();
   std::reverse(params.begin(), params.end());
   size_t bytes = 0;
@@ -27,8 +27,8 @@ GradReducer::GradReducer(Module& replica, int rank, Communicator& comm, size_t b
     bk.flat = Tensor::zeros({n}, DType::F32, replica.device());
     n = 0;
     for (Parameter* p : bk.params) {
-      DPT_ASSERT(p->grad.dtype() == DType::F32 && p->grad.device().is_cpu(),
-                 "gradient buckets hold float32 cpu gradients");
+      DPT_ASSERT(p->grad.dtype() == DType::F32 && p->grad.device() == device_,
+                 "gradient buckets hold float32 gradients on the replica's device");
       Tensor view = bk.flat.view(n, p->grad.shape());
       view.copy_from(p->grad);
       p->grad = std::move(view);
@@ -78,9 +78,8 @@ void GradReducer::grads_ready(Module& m) {
     for (Parameter* p : m.own_parameters()) {
       auto it = std::lower_bound(bucket_of_.begin(), bucket_of_.end(), std::make_pair(p, 0));
       DPT_ASSERT(it != bucket_of_.end() && it->first == p, "a gradient outside every bucket");
-      Bucket& b = buckets_[size_t(it->second)];
-      if (--b.pending == 0) {
-        ready_[size_t(it->second)] = true;
+      if (--buckets_[size_t(it->second)].pending == 0) {
+        mark_ready(size_t(it->second));
         wake = true;
       }
     }
@@ -88,11 +87,21 @@ void GradReducer::grads_ready(Module& m) {
   if (wake) cv_.notify_all();
 }
 
+void GradReducer::mark_ready(size_t b) {
+  buckets_[b].written.record(device_);
+  ready_[b] = true;
+}
+
 void GradReducer::finish() {
+  {
+    std::lock_guard<std::mutex> lk(mu_);
+    for (size_t b = 0; b < buckets_.size(); ++b)  // unused parameters: their gradients stay 0
+      if (!ready_[b]) mark_ready(b);
+  }
+  cv_.notify_all();
+  device_sync(device_);  // GPU: backward has run; what is left to wait for is communication
   const auto t0 = std::chrono::steady_clock::now();
   std::unique_lock<std::mutex> lk(mu_);
-  ready_.assign(buckets_.size(), true);  // gradients never produced (unused parameters) stay 0
-  cv_.notify_all();
   cv_.wait(lk, [&] { return done_ == step_; });
   exposed_seconds_ += std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
   if (error_) std::rethrow_exception(error_);
@@ -123,8 +132,10 @@ void GradReducer::loop() {
         cv_.wait(lk, [&] { return ready_[b] || cancelled_; });
         if (cancelled_) break;
         lk.unlock();
-        const auto t0 = std::chrono::steady_clock::now();
+        auto t0 = std::chrono::steady_clock::now();
         try {
+          buckets_[b].written.wait();  // GPU: the backward kernels that wrote it have run
+          t0 = std::chrono::steady_clock::now();
           comm_.all_reduce_sum(rank_, buckets_[b].flat);
         } catch (...) {
           lk.lock();

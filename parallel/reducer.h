@@ -11,6 +11,10 @@
 //
 // Every backward reduces the gradients as they are then: accumulating gradients over several
 // backward calls without zero_grad would sum already reduced values again, so is not supported.
+//
+// On a GPU, "written" means queued on the replica thread's stream: a bucket becomes ready with a
+// mark at that point of the stream, and the communication thread waits for the mark before the
+// collective reads the bucket.
 #pragma once
 
 #include <condition_variable>
@@ -40,8 +44,9 @@ class GradReducer {
   size_t num_buckets() const { return buckets_.size(); }
   // Parameter names of each bucket, in bucket order (for tests and logs).
   std::vector<std::vector<std::string>> bucket_names() const;
-  double comm_seconds() const { return comm_seconds_; }        // inside the all-reduces
-  double exposed_seconds() const { return exposed_seconds_; }  // finish() waiting for them
+  double comm_seconds() const { return comm_seconds_; }  // inside the all-reduces
+  // finish() waiting for them once backward is over (on a GPU: once its kernels have run)
+  double exposed_seconds() const { return exposed_seconds_; }
 
  private:
   struct Bucket {
@@ -49,11 +54,15 @@ class GradReducer {
     std::vector<Parameter*> params;
     Tensor flat;
     int pending = 0;
+    StreamMark written;  // recorded when the last gradient of this step was queued
   };
   void grads_ready(Module& m);
   void loop();
 
+  void mark_ready(size_t b);  // under mu_, on the replica's thread
+
   int rank_;
+  Device device_;
   Communicator& comm_;
   std::vector<Bucket> buckets_;
   std::vector<std::pair<Parameter*, int>> bucket_of_;  // sorted by Parameter*

@@ -18,6 +18,8 @@
 #include <sstream>
 #include <string>
 
+#include "core/device.h"
+
 namespace {
 
 struct CliRun {
@@ -183,6 +185,24 @@ TEST(Cli, MpiTwoProcesses) {
   const size_t at = r.err.find(banner);
   EXPECT_NE(at, std::string::npos) << r.err;
   EXPECT_EQ(r.err.find(banner, at + 1), std::string::npos) << "logged twice\n" << r.err;
+}
+
+// mpirun on GPUs: one rank per GPU (--devices auto picks the GPU by the rank on the node), NCCL
+// bootstrapped over MPI, trains like two GPUs in one process (both with SyncBatchNorm).
+TEST(Cli, MpiTwoProcessesOnGpus) {
+  if (std::string(DPT_MPIEXEC).empty()) GTEST_SKIP() << "built without MPI (libopenmpi-dev)";
+  std::string why;
+  const int n = dpt::cuda_device_count(&why);
+  if (n < 2) GTEST_SKIP() << "mpirun on GPUs needs 2 or more GPUs, found " << n << ": " << why;
+  const std::string args = std::string(kTiny) + "--bn sync --lr-schedule constant --json ";
+  CliRun mpi = dptrain(args + "--devices auto", mpirun2());
+  ASSERT_EQ(mpi.code, 0) << mpi.err;
+  EXPECT_NE(mpi.err.find("cuda:0 in each of 2 processes"), std::string::npos) << mpi.err;
+  CliRun local = dptrain(args + "--devices cuda:0,cuda:1");
+  ASSERT_EQ(local.code, 0) << local.err;
+  const double a = nlohmann::json::parse(mpi.out).at("train_loss");
+  const double b = nlohmann::json::parse(local.out).at("train_loss");
+  EXPECT_LT(std::abs(a - b), 1e-3 * std::max(1.0, std::abs(b))) << a << " vs " << b;
 }
 
 TEST(Cli, MpiFailingRankStopsTheJob) {

@@ -366,6 +366,32 @@ TEST(Cuda, TrainerOnOneGpuMatchesTheCpuAndItsCheckpointLoadsAnywhere) {
       kGpu.str().c_str(), lg, lc, double(on_gpu["loss"]), double(on_cpu["loss"]), worst);
 }
 
+// The trainer data-parallel on GPUs (NCCL, SyncBatchNorm) trains like one GPU on the whole
+// batch; mixing GPU and CPU replicas is refused with one line.
+TEST(Cuda, TrainerDataParallelOnGpus) {
+  NEED_GPU();
+  int code = 0;
+  const std::string mixed = run_dptrain(
+      "train --model resnet18 --data synthetic --max-steps 1 --devices cuda:0,cpu:0", &code);
+  EXPECT_EQ(code, 2) << mixed;
+  EXPECT_NE(mixed.find("all on GPUs or all on CPU devices"), std::string::npos) << mixed;
+  std::string why;
+  const int n = cuda_device_count(&why);
+  if (n < 2) GTEST_SKIP() << "data-parallel training needs 2 or more GPUs, found " << n;
+  const std::string common =
+      "train --model resnet18 --stem small --batch-size 15 --lr 0.05 --lr-schedule constant "
+      "--warmup-steps 0 --max-steps 4 --bn sync --data synthetic --synthetic-size 60 "
+      "--image-size 32 --seed 3 --json --devices ";
+  const std::string one = run_dptrain(common + "cuda:0", &code);
+  ASSERT_EQ(code, 0) << one;
+  const std::string two = run_dptrain(common + "cuda:0,cuda:1", &code);
+  ASSERT_EQ(code, 0) << two;
+  const double l1 = last_json(one)["train_loss"], l2 = last_json(two)["train_loss"];
+  EXPECT_LT(std::abs(l1 - l2), 1e-3 * std::max(1.0, std::abs(l1))) << l1 << " vs " << l2;
+  EXPECT_GT(int(last_json(two)["gradient_buckets"]), 0);
+  std::printf("trainer on cuda:0,cuda:1 (sync BN): loss %.6f, on cuda:0 alone %.6f\n", l2, l1);
+}
+
 // cuBLAS is not linked but loaded when first needed, so that no dptrain binary pays for mapping
 // cuBLASLt at every start (0.4 s and 200 MB here). Runs without a GPU. Whether it was mapped at
 // start is recorded before any test runs (the op tests before this one load it on a GPU).

@@ -28,9 +28,7 @@ std::unique_ptr<DataParallel> wrap(int devices, BnMode bn, uint64_t seed = 3,
                                    double bucket_mb = 25) {
   std::vector<Device> devs;
   for (int i = 0; i < devices; ++i) devs.push_back(Device::cpu(i));
-  return std::make_unique<DataParallel>(
-      conditioned(seed), [seed] { return make_model(small_spec(), seed); }, devs,
-      DataParallelOptions{.bn = bn, .threads = devices, .bucket_mb = bucket_mb});
+  return wrap_on(devs, bn, seed, bucket_mb);
 }
 
 }  // namespace
@@ -159,32 +157,6 @@ TEST(DataParallel, TorchChunkSemantics) {
   auto plain = conditioned(3);
   plain->eval();
   EXPECT_LT(relative_error(y, plain->forward(batch(2, 1))), 1e-6);
-}
-
-// Relative error of the whole set, ||got - want|| / ||want|| over every value of every entry
-// (float entries only), and the entry contributing most to it. Per-tensor relative errors would
-// be misleading: some entries (BN bias gradients, sums of dy) are near zero by cancellation.
-std::pair<double, std::string> worst_error(const StateDict& got, const StateDict& want) {
-  double num = 0, den = 0, most = -1;
-  std::string name;
-  for (auto& [k, t] : want.entries) {
-    if (t.dtype() != DType::F32) continue;
-    std::vector<float> a = got.find(k)->to_vector(), b = t.to_vector();
-    double d = 0;
-    for (size_t i = 0; i < a.size(); ++i) {
-      d += (double(a[i]) - b[i]) * (double(a[i]) - b[i]);
-      den += double(b[i]) * b[i];
-    }
-    num += d;
-    if (d > most) most = d, name = k;
-  }
-  return {std::sqrt(num / den), name};
-}
-
-StateDict grads(Module& m) {
-  StateDict sd;
-  for (auto& [name, p] : m.named_parameters()) sd.entries.emplace_back(name, p->grad.share());
-  return sd;
 }
 
 // With SyncBatchNorm, 2, 3 and 4 replicas (even and uneven chunks) track one device on the whole
