@@ -143,7 +143,8 @@ int run(int argc, char** argv, const dpt::MpiRuntime* mpi) {
   train->add_flag("--nesterov", cfg.nesterov, "Nesterov momentum");
   train
       ->add_option("--precision", cfg.precision,
-                   "fp32, or fp16 / bf16: matrix ops rounded to 16 bits over fp32 master weights")
+                   "fp32; tf32: convolutions on TF32 tensor cores; fp16 / bf16: matrix ops "
+                   "rounded to 16 bits over fp32 master weights")
       ->capture_default_str();
   train->add_option("--loss-scale", cfg.loss_scale, "fp16: the initial dynamic loss scale")
       ->capture_default_str();
@@ -335,14 +336,18 @@ int run(int argc, char** argv, const dpt::MpiRuntime* mpi) {
   cfg.devices = dpt::parse_devices(devices);
   if (mpi) {
     // One replica per process (DistributedDataParallel style): "auto" means this rank's share,
-    // the GPU numbered by its rank on the node, or the CPU without GPUs.
+    // the GPU numbered by its rank on the node (or the only one it sees, when the launcher gives
+    // each rank its own CUDA_VISIBLE_DEVICES), or the CPU without GPUs.
     if (devices == "auto" && cfg.devices[0].is_cuda()) {
       const int gpus = int(cfg.devices.size());
-      if (mpi->local_size() > gpus)
+      if (gpus == 1)
+        cfg.devices.resize(1);
+      else if (mpi->local_size() > gpus)
         throw dpt::UsageError("--devices auto: " + std::to_string(mpi->local_size()) +
                               " ranks on this node but " + std::to_string(gpus) +
                               " GPU(s); start at most one rank per GPU");
-      cfg.devices = {cfg.devices[size_t(mpi->local_rank())]};
+      else
+        cfg.devices = {cfg.devices[size_t(mpi->local_rank())]};
     } else if (devices == "auto") {
       cfg.devices = {dpt::Device::cpu()};
     }

@@ -349,8 +349,8 @@ TrainResult train(TrainConfig cfg) {
     DPT_CHECK(device_available(d, &why), DeviceError, why);
   }
   const BnMode bn_mode = parse_bn_mode(cfg.bn);
-  const DType precision = Module::parse_precision(cfg.precision);
-  const bool fp16 = precision == DType::F16;
+  const Precision precision = parse_precision(cfg.precision);
+  const bool fp16 = precision == Precision::FP16;
   GradScaler scaler(cfg.loss_scale);
   if (cfg.threads > 0) omp_set_num_threads(cfg.threads);
   const LrSchedule::Kind schedule_kind = LrSchedule::parse(cfg.lr_schedule);

@@ -48,8 +48,9 @@ struct TrainConfig {
   float momentum = 0.9f;
   float weight_decay = 5e-4f;
   bool nesterov = false;
-  // fp32, or fp16 / bf16: convolutions and linear layers round to 16 bits (Module::set_precision)
-  // over fp32 master weights; fp16 adds dynamic loss scaling from loss_scale.
+  // fp32; tf32: convolutions multiply TF32 operands; fp16 / bf16: convolutions and linear layers
+  // round to 16 bits over fp32 master weights (kernels/amp.h); fp16 adds dynamic loss scaling
+  // from loss_scale.
   std::string precision = "fp32";
   float loss_scale = 65536.0f;
   bool augment = false;  // random crop (pad 2 on 28x28, 4 otherwise) + horizontal flip; image

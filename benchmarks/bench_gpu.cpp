@@ -1,6 +1,6 @@
-// One-GPU training throughput of a ResNet at 224x224 in precision P (fp32 with TF32 off, fp16
-// with loss scaling, bf16; as `dptrain train --precision`): forward, cross-entropy, backward and
-// SGD with momentum on cuda:0, batch B, S timed steps after 3 warm-up steps.
+// One-GPU training throughput of a ResNet at 224x224 in precision P (fp32 with TF32 off, tf32,
+// fp16 with loss scaling, bf16; as `dptrain train --precision`): forward, cross-entropy, backward
+// and SGD with momentum on cuda:0, batch B, S timed steps after 3 warm-up steps.
 // Prints {"images_per_second", "step_ms", "peak_bytes", "peak_reserved_bytes", "device_bytes"}:
 // peak_bytes and peak_reserved_bytes are the caching allocator's peaks over the timed steps
 // (blocks handed out to tensors, and held from the driver), the figures PyTorch reports as
@@ -14,7 +14,7 @@
 // adds "replicas" and, per timed step, "communication_ms" (inside the all-reduces) and
 // "exposed_communication_ms" (the part backward's end waited for).
 //
-//   bench_gpu MODEL BATCH STEPS [fp32|fp16|bf16] [dp]
+//   bench_gpu MODEL BATCH STEPS [fp32|tf32|fp16|bf16] [dp]
 #include <cuda_runtime.h>
 
 #include <chrono>
@@ -33,7 +33,7 @@
 
 int main(int argc, char** argv) {
   if (argc < 4) {
-    std::fprintf(stderr, "usage: bench_gpu MODEL BATCH STEPS [fp32|fp16|bf16] [dp]\n");
+    std::fprintf(stderr, "usage: bench_gpu MODEL BATCH STEPS [fp32|tf32|fp16|bf16] [dp]\n");
     return 2;
   }
   try {
@@ -61,7 +61,7 @@ int main(int argc, char** argv) {
     } else {
       model->to(gpu);
     }
-    model->set_precision(dpt::Module::parse_precision(precision));
+    model->set_precision(dpt::parse_precision(precision));
     const int replicas = dp ? dp->num_replicas() : 1;
     dpt::GradScaler scaler;
     model->train();

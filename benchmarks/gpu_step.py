@@ -1,7 +1,8 @@
 #!/usr/bin/env python3
 """One-GPU training step of a ResNet at 224x224: dptrain's bench_gpu against torchvision's model
 under PyTorch eager, same batch, same step (forward, cross-entropy, backward, SGD with momentum,
-the loss read back every step), in one run, at fp32 (TF32 off), fp16 and bf16. PyTorch runs the
+the loss read back every step), in one run, at fp32 (TF32 off), tf32 (convolutions on TF32
+tensor cores, matmuls fp32: PyTorch's defaults), fp16 and bf16. PyTorch runs the
 16-bit precisions as its users would: autocast, channels_last, GradScaler for fp16. Prints a table
 with ratios. Then dptrain's DataParallel over every visible GPU (NCCL) at fp32 against the bare
 model: the wrapper's overhead and how much of the gradient all-reduce backward hides.
@@ -16,7 +17,7 @@ import argparse, json, subprocess, sys, time
 
 def torch_step(model_name, batch, steps, precision):
     import torch, torchvision
-    torch.backends.cudnn.allow_tf32 = False
+    torch.backends.cudnn.allow_tf32 = precision == "tf32"
     torch.backends.cuda.matmul.allow_tf32 = False
     torch.backends.cudnn.benchmark = True
     dev = torch.device("cuda:0")
@@ -73,7 +74,7 @@ def main():
             check=True, capture_output=True, text=True).stdout)
 
     bare = {}
-    for precision in ("fp32", "fp16", "bf16"):
+    for precision in ("fp32", "tf32", "fp16", "bf16"):
         ours = bare[precision] = ours_step(precision)
         theirs = torch_step(args.model, args.batch, args.steps, precision)
         torch.cuda.empty_cache()

@@ -46,6 +46,14 @@ inline uint16_t float_to_bf16(float f) {
 inline float bf16_to_float(uint16_t h) {
   return bits_float(uint32_t(h) << 16);
 }
+// f rounded to TF32 (float32's exponent, 10 mantissa bits; to nearest even), the operand format
+// of tensor-core float32 convolutions. Infinities and NaN stay as they are.
+inline float round_to_tf32(float f) {
+  uint32_t u = float_bits(f);
+  if ((u & 0x7f800000u) == 0x7f800000u) return f;
+  u += 0xfffu + ((u >> 13) & 1u);
+  return bits_float(u & ~0x1fffu);
+}
 uint16_t float_to_f16(float f);
 float f16_to_float(uint16_t h);
 

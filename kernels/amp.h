@@ -10,12 +10,33 @@
 // (models/layers.cpp); these ops are the rounding and the loss scaling.
 #pragma once
 
+#include <string>
 #include <vector>
 
 #include "core/tensor.h"
 #include "kernels/dispatch.h"
 
 namespace dpt {
+
+// How a model's convolutions and linear layers compute (dptrain train --precision):
+//   FP32  float32 throughout;
+//   TF32  convolutions multiply TF32 operands (kernels/conv.h), sums and storage float32;
+//   FP16, BF16  inputs, weights, outputs and gradients rounded to 16 bits (round_ below),
+//         storage and arithmetic float32.
+enum class Precision { FP32, TF32, FP16, BF16 };
+
+// "fp32", "tf32", "fp16", "bf16"; UsageError otherwise.
+inline Precision parse_precision(const std::string& name) {
+  if (name == "fp32") return Precision::FP32;
+  if (name == "tf32") return Precision::TF32;
+  if (name == "fp16") return Precision::FP16;
+  if (name == "bf16") return Precision::BF16;
+  DPT_THROW(UsageError, "unknown --precision '", name, "': expected fp32, tf32, fp16 or bf16");
+}
+// The dtype round_ rounds to at the layers' boundaries: F16, BF16, or F32 (no rounding).
+inline DType rounding_of(Precision p) {
+  return p == Precision::FP16 ? DType::F16 : p == Precision::BF16 ? DType::BF16 : DType::F32;
+}
 
 // Declared once, for the CPU engine and for the CUDA backend.
 #define DPT_AMP_KERNELS            \

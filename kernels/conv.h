@@ -4,6 +4,10 @@
 //
 // Forward overwrites y. Backward overwrites dx (skipped when dx is undefined, e.g. for the stem)
 // and ACCUMULATES into dw, so parameter gradients sum over calls until zero_grad.
+//
+// tf32: the products take both operands rounded to TF32 (10 mantissa bits), sums stay float32,
+// as tensor cores do on Ampere and later GPUs (cuDNN's default math); the CPU engine rounds
+// copies of the operands the same way. Off: float32 products throughout (cuDNN's FMA math).
 #pragma once
 
 #include "core/tensor.h"
@@ -14,6 +18,7 @@ namespace dpt {
 struct Conv2dParams {
   int stride = 1;
   int pad = 0;
+  bool tf32 = false;
 };
 
 inline int64_t conv_out_size(int64_t in, int64_t k, int stride, int pad) {

@@ -64,27 +64,34 @@ void add_rounded_grad(Tensor& grad, DType d, F fill) {
 
 }  // namespace
 
+Conv2dParams Conv2d::params() const {
+  Conv2dParams p = p_;
+  p.tf32 = precision() == Precision::TF32;
+  return p;
+}
+
 Tensor Conv2d::forward(Tensor x) {
-  const Tensor w = rounded(weight.value, precision());
-  x = rounded(x, precision());
+  const DType d = rounding_of(precision());
+  const Tensor w = rounded(weight.value, d);
+  x = rounded(x, d);
   Tensor y({x.dim(0), w.dim(0), conv_out_size(x.dim(2), w.dim(2), p_.stride, p_.pad),
             conv_out_size(x.dim(3), w.dim(3), p_.stride, p_.pad)},
            DType::F32, x.device());
-  conv2d_forward(x, w, y, p_);
-  round_(y, precision());
+  conv2d_forward(x, w, y, params());
+  round_(y, d);
   if (is_training()) x_ = std::move(x);
   return y;
 }
 
 Tensor Conv2d::backward(Tensor dy) {
   DPT_ASSERT(x_.defined(), "Conv2d::backward without a training-mode forward");
-  const DType d = precision();
+  const DType d = rounding_of(precision());
   const Tensor w = rounded(weight.value, d);
   dy = rounded(dy, d);
   Tensor dx;
   if (input_grad_) dx = Tensor(x_.shape(), DType::F32, x_.device());
   add_rounded_grad(weight.grad, d, [&](Tensor& g) {
-    conv2d_backward(dy, x_, w, input_grad_ ? &dx : nullptr, g, p_);
+    conv2d_backward(dy, x_, w, input_grad_ ? &dx : nullptr, g, params());
   });
   if (input_grad_) round_(dx, d);
   grads_ready();
@@ -196,7 +203,7 @@ Linear::Linear(int64_t in, int64_t out, Rng& rng)
 Tensor Linear::forward(Tensor x) {
   DPT_CHECK(x.ndim() == 2 && x.dim(1) == weight.value.dim(1), ConfigError, "Linear expects [N, ",
             weight.value.dim(1), "] input, got ", shape_str(x.shape()));
-  const DType d = precision();
+  const DType d = rounding_of(precision());
   x = rounded(x, d);
   Tensor y({x.dim(0), weight.value.dim(0)}, DType::F32, x.device());
   linear_forward(x, rounded(weight.value, d), rounded(bias.value, d), y);
@@ -206,7 +213,7 @@ Tensor Linear::forward(Tensor x) {
 }
 
 Tensor Linear::backward(Tensor dy) {
-  const DType d = precision();
+  const DType d = rounding_of(precision());
   dy = rounded(dy, d);
   Tensor dx(x_.shape(), DType::F32, x_.device());
   const Tensor w = rounded(weight.value, d);

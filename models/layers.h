@@ -24,6 +24,7 @@ class Conv2d : public Module {
   Parameter& weight;
 
  private:
+  Conv2dParams params() const;  // p_ with the math precision() asks for
   Conv2dParams p_;
   bool input_grad_ = true;
   Tensor x_;

@@ -131,17 +131,8 @@ void Module::train(bool on) {
   for (auto& [name, m] : named_modules()) m->training_ = on;
 }
 
-DType Module::parse_precision(const std::string& name) {
-  if (name == "fp32") return DType::F32;
-  if (name == "fp16") return DType::F16;
-  if (name == "bf16") return DType::BF16;
-  DPT_THROW(UsageError, "unknown --precision '", name, "': expected fp32, fp16 or bf16");
-}
-
-void Module::set_precision(DType d) {
-  DPT_CHECK(d == DType::F32 || d == DType::F16 || d == DType::BF16, ConfigError,
-            "precision must be float32, float16 or bfloat16, not ", dtype_name(d));
-  for (auto& [name, m] : named_modules()) m->precision_ = d;
+void Module::set_precision(Precision p) {
+  for (auto& [name, m] : named_modules()) m->precision_ = p;
 }
 
 void Module::to(const Device& d) {

@@ -16,6 +16,7 @@
 #include <vector>
 
 #include "core/tensor.h"
+#include "kernels/amp.h"
 
 namespace dpt {
 
@@ -64,14 +65,10 @@ class Module {
   void eval() { train(false); }
   bool is_training() const { return training_; }
   virtual void to(const Device& d);  // moves parameters, grads and buffers
-  // Mixed precision: the dtype (F16, BF16) that convolutions and linear layers round their
-  // inputs, weights, outputs and gradients to, storage and arithmetic staying float32 (F32: no
-  // rounding). Set on this module and every descendant.
-  virtual void set_precision(DType d);
-  DType precision() const { return precision_; }
-  // "fp32", "fp16" or "bf16" (the CLI's --precision) as the dtype set_precision takes;
-  // UsageError otherwise.
-  static DType parse_precision(const std::string& name);
+  // How convolutions and linear layers compute (kernels/amp.h: fp32, tf32, fp16 or bf16
+  // numerics over float32 storage). Set on this module and every descendant.
+  virtual void set_precision(Precision p);
+  Precision precision() const { return precision_; }
   Device device();
   virtual void zero_grad();
   // Drops tensors kept for backward (after backward, or when a forward's output is not used).
@@ -107,7 +104,7 @@ class Module {
   std::vector<std::pair<std::string, std::unique_ptr<Tensor>>> buffers_;
   std::vector<std::pair<std::string, std::unique_ptr<Module>>> children_;
   bool training_ = true;
-  DType precision_ = DType::F32;
+  Precision precision_ = Precision::FP32;
   std::function<void(Module&)> grad_ready_;
   std::shared_ptr<const ArchSpec> arch_;
 };

@@ -1,9 +1,9 @@
 // Coalesced collectives: lists of tensors are packed into flat float32 buffers of at most
 // bucket_bytes so that many small tensors cost a few large collectives instead of many small ones.
+// The buffers live where the tensors do (all on one device: host memory, or one GPU for NCCL).
 #include "parallel/communicator.h"
 
 #include <algorithm>
-#include <cstring>
 
 namespace dpt {
 
@@ -15,8 +15,8 @@ template <typename T, typename F>
 void for_each_bucket(const std::vector<T*>& ts, size_t bucket_bytes, F&& f) {
   size_t begin = 0, bytes = 0;
   for (size_t i = 0; i < ts.size(); ++i) {
-    DPT_ASSERT(ts[i]->dtype() == DType::F32 && ts[i]->device().is_cpu(),
-               "coalesced collectives take float32 cpu tensors");
+    DPT_ASSERT(ts[i]->dtype() == DType::F32 && ts[i]->device() == ts[0]->device(),
+               "coalesced collectives take float32 tensors on one device");
     const size_t b = ts[i]->nbytes();
     if (i > begin && bytes + b > bucket_bytes) {
       f(begin, i);
@@ -37,17 +37,17 @@ int64_t total_numel(const std::vector<T*>& ts, size_t first, size_t last) {
 
 template <typename T>
 void pack(const std::vector<T*>& ts, size_t first, size_t last, Tensor& flat) {
-  float* at = flat.data<float>();
+  float* at = static_cast<float*>(flat.raw());
   for (size_t i = first; i < last; ++i) {
-    std::memcpy(at, ts[i]->raw(), ts[i]->nbytes());
+    device_copy(flat.device(), at, ts[i]->device(), ts[i]->raw(), ts[i]->nbytes());
     at += ts[i]->numel();
   }
 }
 
 void unpack(const Tensor& flat, const std::vector<Tensor*>& ts, size_t first, size_t last) {
-  const float* at = flat.data<float>();
+  const float* at = static_cast<const float*>(flat.raw());
   for (size_t i = first; i < last; ++i) {
-    std::memcpy(ts[i]->raw(), at, ts[i]->nbytes());
+    device_copy(ts[i]->device(), ts[i]->raw(), flat.device(), at, ts[i]->nbytes());
     at += ts[i]->numel();
   }
 }
@@ -56,7 +56,7 @@ void unpack(const Tensor& flat, const std::vector<Tensor*>& ts, size_t first, si
 template <typename Op>
 void coalesced(const std::vector<Tensor*>& ts, size_t bucket_bytes, Op&& op) {
   for_each_bucket(ts, bucket_bytes, [&](size_t first, size_t last) {
-    Tensor flat({total_numel(ts, first, last)});
+    Tensor flat({total_numel(ts, first, last)}, DType::F32, ts[0]->device());
     pack(ts, first, last, flat);
     op(flat);
     unpack(flat, ts, first, last);
@@ -91,14 +91,16 @@ void all_gather(Communicator& c, int rank, const std::vector<const Tensor*>& ins
   const int n = c.size();
   for_each_bucket(in, bucket_bytes, [&](size_t first, size_t last) {
     const int64_t m = total_numel(in, first, last);
-    Tensor flat({m}), all({m * n});
+    const Device dev = in[0]->device();
+    Tensor flat({m}, DType::F32, dev), all({m * n}, DType::F32, dev);
     pack(in, first, last, flat);
     c.all_gather(rank, flat, all);
-    const float* src = all.data<float>();
+    const float* src = static_cast<const float*>(all.raw());
     for (int r = 0; r < n; ++r)
       for (size_t i = first; i < last; ++i) {
         const int64_t k = in[i]->numel();
-        std::memcpy(outs[i]->data<float>() + r * k, src, size_t(k) * sizeof(float));
+        device_copy(outs[i]->device(), static_cast<float*>(outs[i]->raw()) + r * k, dev, src,
+                    size_t(k) * sizeof(float));
         src += k;
       }
   });

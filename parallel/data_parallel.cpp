@@ -2,6 +2,7 @@
 
 #include <omp.h>
 
+#include <algorithm>
 #include <chrono>
 #include <condition_variable>
 #include <exception>
@@ -199,6 +200,8 @@ DataParallel::DataParallel(std::unique_ptr<Module> module, const Factory& make_r
     DPT_CHECK(device_available(d, &why), DeviceError, why);
     DPT_CHECK(d.type == devices_[0].type, UsageError, "DataParallel replicas are all on GPUs or ",
               "all on CPU devices, not on both ", devices_[0].str(), " and ", d.str());
+    DPT_CHECK(std::count(devices_.begin(), devices_.end(), d) == 1, UsageError, "device ", d.str(),
+              " is listed twice");
   }
   DPT_CHECK(opt_.bucket_mb >= 0 && opt_.bucket_mb <= 65536, UsageError,
             "--bucket-mb must be between 0 and 65536, got ", opt_.bucket_mb);
@@ -237,9 +240,13 @@ DataParallel::DataParallel(std::unique_ptr<Module> module, const Factory& make_r
   }
   grad_comm_ = g.make(world_);
   const size_t bucket_bytes = size_t(opt_.bucket_mb * (1 << 20));
+  // GPUs with SyncBatchNorm: backward's statistics collectives and the gradient buckets would be
+  // two NCCL communicators in flight at once, which NCCL may deadlock on when ranks launch them
+  // in different orders; the buckets then wait for the end of backward.
+  const bool overlap = !(devices_[0].is_cuda() && opt_.bn == BnMode::Sync);
   for (int r = 0; r < n; ++r)
     reducers_.push_back(std::make_unique<GradReducer>(*replicas_[size_t(r)], first_ + r,
-                                                      *grad_comm_, bucket_bytes));
+                                                      *grad_comm_, bucket_bytes, overlap));
   if (opt_.bn == BnMode::Sync) {
     for (int r = 0; r < n; ++r) {
       hooks_.push_back(std::make_unique<SyncBatchNormHook>(*this, first_ + r, devices_[size_t(r)]));
@@ -315,11 +322,15 @@ void DataParallel::run(const std::function<void(int)>& f) {
     });
   } catch (...) {
     // Every replica has left the task; wait for their communication threads to leave theirs
-    // (aborted collectives throw) before the communicators are made usable again.
+    // (aborted collectives throw) before the communicators are made usable again. A reset that
+    // fails (NCCL across processes cannot recover) must not hide the failure being reported.
     for (auto& r : reducers_) r->wait_idle();
-    grad_comm_->reset();
-    for (auto& [k, c] : comms_)
-      if (c) c->reset();
+    try {
+      grad_comm_->reset();
+      for (auto& [k, c] : comms_)
+        if (c) c->reset();
+    } catch (...) {
+    }
     throw;
   }
 }
@@ -378,6 +389,16 @@ Tensor DataParallel::gather(std::vector<Tensor>& local) {
   return out;
 }
 
+std::vector<Tensor> DataParallel::scatter(const Tensor& t) const {
+  const std::vector<int64_t> offsets = chunk_offsets();
+  std::vector<Tensor> chunks(replicas_.size());
+  for (size_t r = 0; r < replicas_.size(); ++r) {
+    const size_t g = size_t(first_) + r;
+    if (g < sizes_.size()) chunks[r] = rows(t, offsets[g], sizes_[g], devices_[r]);
+  }
+  return chunks;
+}
+
 void DataParallel::copy_buffers_from_rank0() {
   auto keep = replicas_[0]->named_buffers();
   if (opt_.group.processes > 1) {
@@ -404,13 +425,14 @@ Tensor DataParallel::forward(Tensor x) {
   // SyncBatchNorm's communicator for this k, made here, on every process (it is collective).
   if (is_training() && opt_.bn == BnMode::Sync && !comms_.count(k))
     comms_.emplace(k, opt_.group.make(k));
-  const std::vector<int64_t> offsets = chunk_offsets();
+  // The chunks are copied here, before any replica queues work: a copy between GPUs waits for
+  // everything queued on its source GPU. They are kept until backward is over, so that the
+  // thread that allocated them frees them.
+  inputs_ = scatter(x);
   std::vector<Tensor> outs(replicas_.size());
   run([&](int r) {
-    const int g = first_ + r;
-    if (g >= k) return;
-    outs[size_t(r)] = replicas_[size_t(r)]->forward(
-        rows(x, offsets[size_t(g)], sizes_[size_t(g)], devices_[size_t(r)]));
+    if (inputs_[size_t(r)].defined())
+      outs[size_t(r)] = replicas_[size_t(r)]->forward(inputs_[size_t(r)].share());
   });
   if (is_training() && opt_.bn == BnMode::Local) copy_buffers_from_rank0();
   return gather(outs);
@@ -418,20 +440,18 @@ Tensor DataParallel::forward(Tensor x) {
 
 Tensor DataParallel::backward(Tensor dy) {
   DPT_ASSERT(!sizes_.empty(), "DataParallel::backward without a forward");
-  const int k = active();
-  const std::vector<int64_t> offsets = chunk_offsets();
+  std::vector<Tensor> dys = scatter(dy);
   std::vector<Tensor> dxs(replicas_.size());
   for (auto& r : reducers_) r->begin();
   run([&](int r) {
-    const int g = first_ + r;
     Module& m = *replicas_[size_t(r)];
-    if (g < k)
-      dxs[size_t(r)] =
-          m.backward(rows(dy, offsets[size_t(g)], sizes_[size_t(g)], devices_[size_t(r)]));
+    if (dys[size_t(r)].defined())
+      dxs[size_t(r)] = m.backward(dys[size_t(r)].share());
     else
       m.zero_grad();  // no chunk this step: contributes nothing to the sum
     reducers_[size_t(r)]->finish();
   });
+  inputs_.clear();
   return gather(dxs);
 }
 
@@ -456,9 +476,9 @@ void DataParallel::to(const Device& d) {
             " and its replicas' devices; it cannot move to ", d.str());
 }
 
-void DataParallel::set_precision(DType d) {
-  Module::set_precision(d);
-  for (Module* m : replicas_) m->set_precision(d);
+void DataParallel::set_precision(Precision p) {
+  Module::set_precision(p);
+  for (Module* m : replicas_) m->set_precision(p);
 }
 
 void DataParallel::release() {

@@ -64,7 +64,7 @@ class DataParallel : public Module {
   void train(bool on = true) override;
   void zero_grad() override;
   void to(const Device& d) override;
-  void set_precision(DType d) override;  // on every replica
+  void set_precision(Precision p) override;  // on every replica
   void release() override;
   const ArchSpec* arch() const override { return replicas_[0]->arch(); }
   // Loads into replica 0 ("module." keys) and copies the result to every other replica.
@@ -102,6 +102,9 @@ class DataParallel : public Module {
   void abort_all(const std::string& why);
   std::vector<int64_t> chunk_offsets() const;  // first row of each chunk of the last forward
   Tensor gather(std::vector<Tensor>& local);   // this process's outputs -> the whole batch's
+  // This process's chunks of a batch (rows of the last forward's chunk sizes), each on its
+  // replica's device; undefined for replicas without a chunk.
+  std::vector<Tensor> scatter(const Tensor& t) const;
   void copy_buffers_from_rank0();
 
   std::vector<Device> devices_;
@@ -115,6 +118,7 @@ class DataParallel : public Module {
   std::vector<std::unique_ptr<class GradReducer>> reducers_;
   std::vector<std::unique_ptr<class SyncBatchNormHook>> hooks_;
   std::vector<int64_t> sizes_;  // chunk sizes of the last forward
+  std::vector<Tensor> inputs_;  // its chunks, until backward is over
   std::unique_ptr<Workers> workers_;
 };
 

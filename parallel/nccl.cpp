@@ -1,11 +1,14 @@
 // NCCL communicator: the ranks are GPUs of this process, one replica thread each (so no NCCL
 // group calls are needed), created together with ncclCommInitAll. Each collective is enqueued on
-// the rank's own stream after the work the calling thread has queued on that GPU (an event on
-// its per-thread stream), and waited for before returning, as the Communicator contract says.
+// the rank's own non-blocking stream after the work the calling thread has queued on that GPU
+// (an event on its per-thread stream, which also follows the GPU's legacy-stream copies), and
+// waited for before returning, as the Communicator contract says. Being non-blocking, the NCCL
+// streams never hold up legacy-stream copies (cudaMemcpy) that other replicas make meanwhile.
 // NCCL's ring reductions give every rank the same bits. Compiled when CUDA and NCCL are found.
 #include "parallel/communicator.h"
 
 #include <cstring>
+#include <mutex>
 
 #include "core/cuda_check.h"
 
@@ -43,39 +46,36 @@ class NcclCommunicator : public Communicator {
   std::string kind() const override { return "nccl"; }
 
   void all_reduce_sum(int rank, Tensor& t) override {
-    check(rank, t, true);
-    after_caller(rank);
-    DPT_NCCL(ncclAllReduce(t.raw(), t.raw(), size_t(t.numel()), ncclFloat32, ncclSum, comm(rank),
-                           stream(rank)));
-    wait(rank);
+    enqueue(rank, t, true, [&](ncclComm_t c, cudaStream_t s) {
+      return ncclAllReduce(t.raw(), t.raw(), size_t(t.numel()), ncclFloat32, ncclSum, c, s);
+    });
   }
   void reduce_sum(int rank, Tensor& t, int root) override {
-    check(rank, t, true);
-    after_caller(rank);
-    DPT_NCCL(ncclReduce(t.raw(), t.raw(), size_t(t.numel()), ncclFloat32, ncclSum, root, comm(rank),
-                        stream(rank)));
-    wait(rank);
+    enqueue(rank, t, true, [&](ncclComm_t c, cudaStream_t s) {
+      return ncclReduce(t.raw(), t.raw(), size_t(t.numel()), ncclFloat32, ncclSum, root, c, s);
+    });
   }
   void broadcast(int rank, Tensor& t, int root) override {
-    check(rank, t, false);
-    after_caller(rank);
-    DPT_NCCL(
-        ncclBroadcast(t.raw(), t.raw(), t.nbytes(), ncclUint8, root, comm(rank), stream(rank)));
-    wait(rank);
+    enqueue(rank, t, false, [&](ncclComm_t c, cudaStream_t s) {
+      return ncclBroadcast(t.raw(), t.raw(), t.nbytes(), ncclUint8, root, c, s);
+    });
   }
   void all_gather(int rank, const Tensor& in, Tensor& out) override {
-    check(rank, in, true);
     DPT_ASSERT(out.numel() == in.numel() * size(), "all_gather: out has ", out.numel(), " values");
-    after_caller(rank);
-    DPT_NCCL(ncclAllGather(in.raw(), out.raw(), size_t(in.numel()), ncclFloat32, comm(rank),
-                           stream(rank)));
-    wait(rank);
+    enqueue(rank, in, true, [&](ncclComm_t c, cudaStream_t s) {
+      return ncclAllGather(in.raw(), out.raw(), size_t(in.numel()), ncclFloat32, c, s);
+    });
   }
-  // NCCL communicators cannot be revived after an abort: reset() makes new ones.
+  // Called from a failing replica's thread while others may be inside a collective: each rank's
+  // communicator is aborted (its queued operations end) and cleared under that rank's lock, so
+  // no thread enqueues on a freed one. NCCL communicators cannot be revived: reset() makes new
+  // ones.
   void abort(const std::string&) override {
-    for (ncclComm_t c : comms_)
-      if (c) ncclCommAbort(c);
-    comms_.assign(comms_.size(), nullptr);
+    for (size_t r = 0; r < comms_.size(); ++r) {
+      std::lock_guard<std::mutex> lk(locks_[r]);
+      if (comms_[r]) ncclCommAbort(comms_[r]);
+      comms_[r] = nullptr;
+    }
   }
   void reset() override {
     DPT_CHECK(!spans_processes_, DeviceError,
@@ -94,9 +94,14 @@ class NcclCommunicator : public Communicator {
       ids.push_back(d.index);
     }
     comms_.assign(ids.size(), nullptr);
+    locks_ = std::vector<std::mutex>(ids.size());
     if (spans_processes_) {
       DPT_CUDA(cudaSetDevice(ids[0]));
-      DPT_NCCL(ncclCommInitRank(&comms_[0], size_, id_, first_));
+      const ncclResult_t rc = ncclCommInitRank(&comms_[0], size_, id_, first_);
+      DPT_CHECK(rc == ncclSuccess, DeviceError, "NCCL rank ", first_, " of ", size_, " on ",
+                devices_[0].str(), ": ", ncclGetErrorString(rc),
+                " (two ranks on one GPU? under mpirun, --devices auto gives each rank of a node "
+                "its own GPU)");
     } else {
       DPT_NCCL(ncclCommInitAll(comms_.data(), int(ids.size()), ids.data()));
     }
@@ -104,8 +109,7 @@ class NcclCommunicator : public Communicator {
     events_.assign(ids.size(), nullptr);
     for (size_t r = 0; r < ids.size(); ++r) {
       DPT_CUDA(cudaSetDevice(ids[r]));
-      // A blocking stream: it also waits for copies on the GPU's legacy stream (cudaMemcpy).
-      DPT_CUDA(cudaStreamCreate(&streams_[r]));
+      DPT_CUDA(cudaStreamCreateWithFlags(&streams_[r], cudaStreamNonBlocking));
       DPT_CUDA(cudaEventCreateWithFlags(&events_[r], cudaEventDisableTiming));
     }
   }
@@ -120,21 +124,27 @@ class NcclCommunicator : public Communicator {
     events_.clear();
   }
   size_t local(int rank) const { return size_t(rank - first_); }
-  ncclComm_t comm(int rank) const { return comms_[local(rank)]; }
-  cudaStream_t stream(int rank) const { return streams_[local(rank)]; }
-  void check(int rank, const Tensor& t, bool f32) const {
-    DPT_ASSERT(rank >= first_ && local(rank) < devices_.size() && comm(rank) != nullptr,
-               "NCCL collective on rank ", rank, " (aborted, or not one of this process's)");
-    DPT_ASSERT(t.device() == devices_[local(rank)] && (!f32 || t.dtype() == DType::F32),
-               "NCCL rank ", rank, " takes tensors on ", devices_[local(rank)].str());
+  // Queues op(comm, stream) for rank after the calling thread's work on its GPU (the collective
+  // reads what the caller's kernels and copies wrote), then waits for it outside the lock, so
+  // that abort() can end it.
+  template <typename Op>
+  void enqueue(int rank, const Tensor& t, bool f32, Op&& op) {
+    DPT_ASSERT(rank >= first_ && local(rank) < devices_.size(), "NCCL collective on rank ", rank,
+               ", not one of this process's");
+    const size_t r = local(rank);
+    DPT_ASSERT(t.device() == devices_[r] && (!f32 || t.dtype() == DType::F32), "NCCL rank ", rank,
+               " takes tensors on ", devices_[r].str());
+    {
+      std::lock_guard<std::mutex> lk(locks_[r]);
+      DPT_CHECK(comms_[r] != nullptr, DeviceError,
+                "NCCL collective after the communicator was aborted by a failing replica");
+      DPT_CUDA(cudaSetDevice(devices_[r].index));
+      DPT_CUDA(cudaEventRecord(events_[r], cudaStreamPerThread));
+      DPT_CUDA(cudaStreamWaitEvent(streams_[r], events_[r], 0));
+      DPT_NCCL(op(comms_[r], streams_[r]));
+    }
+    DPT_CUDA(cudaStreamSynchronize(streams_[r]));
   }
-  // The collective reads what the calling thread's kernels wrote on this GPU.
-  void after_caller(int rank) {
-    DPT_CUDA(cudaSetDevice(devices_[local(rank)].index));
-    DPT_CUDA(cudaEventRecord(events_[local(rank)], cudaStreamPerThread));
-    DPT_CUDA(cudaStreamWaitEvent(stream(rank), events_[local(rank)], 0));
-  }
-  void wait(int rank) { DPT_CUDA(cudaStreamSynchronize(stream(rank))); }
 
   std::vector<Device> devices_;
   int first_ = 0, size_ = 0;
@@ -143,6 +153,7 @@ class NcclCommunicator : public Communicator {
   std::vector<ncclComm_t> comms_;
   std::vector<cudaStream_t> streams_;
   std::vector<cudaEvent_t> events_;  // per rank: where the caller's stream stood
+  std::vector<std::mutex> locks_;    // per rank: enqueueing against abort()
 };
 
 }  // namespace

@@ -5,8 +5,9 @@
 
 namespace dpt {
 
-GradReducer::GradReducer(Module& replica, int rank, Communicator& comm, size_t bucket_bytes)
-    : rank_(rank), device_(replica.device()), comm_(comm) {
+GradReducer::GradReducer(Module& replica, int rank, Communicator& comm, size_t bucket_bytes,
+                         bool overlap)
+    : rank_(rank), device_(replica.device()), comm_(comm), overlap_(overlap) {
   auto params = replica.named_parameters();
   std::reverse(params.begin(), params.end());
   size_t bytes = 0;
@@ -65,6 +66,7 @@ void GradReducer::begin() {
   std::lock_guard<std::mutex> lk(mu_);
   for (Bucket& b : buckets_) b.pending = int(b.params.size());
   ready_.assign(buckets_.size(), false);
+  all_in_ = false;
   cancelled_ = false;
   error_ = nullptr;
   ++step_;
@@ -97,6 +99,7 @@ void GradReducer::finish() {
     std::lock_guard<std::mutex> lk(mu_);
     for (size_t b = 0; b < buckets_.size(); ++b)  // unused parameters: their gradients stay 0
       if (!ready_[b]) mark_ready(b);
+    all_in_ = true;
   }
   cv_.notify_all();
   device_sync(device_);  // GPU: backward has run; what is left to wait for is communication
@@ -129,7 +132,7 @@ void GradReducer::loop() {
     seen = step_;
     try {
       for (size_t b = 0; b < buckets_.size(); ++b) {
-        cv_.wait(lk, [&] { return ready_[b] || cancelled_; });
+        cv_.wait(lk, [&] { return (ready_[b] && (overlap_ || all_in_)) || cancelled_; });
         if (cancelled_) break;
         lk.unlock();
         auto t0 = std::chrono::steady_clock::now();

@@ -30,8 +30,10 @@ namespace dpt {
 
 class GradReducer {
  public:
-  // bucket_bytes 0: a single bucket, reduced once backward is over (no overlap).
-  GradReducer(Module& replica, int rank, Communicator& comm, size_t bucket_bytes);
+  // bucket_bytes 0: a single bucket, reduced once backward is over (no overlap). overlap false:
+  // buckets wait for the end of backward all the same (no collective during backward).
+  GradReducer(Module& replica, int rank, Communicator& comm, size_t bucket_bytes,
+              bool overlap = true);
   ~GradReducer();
   GradReducer(const GradReducer&) = delete;
   GradReducer& operator=(const GradReducer&) = delete;
@@ -71,6 +73,8 @@ class GradReducer {
   std::condition_variable cv_;
   std::vector<bool> ready_;       // per bucket, this step
   uint64_t step_ = 0, done_ = 0;  // begin() counts steps; the thread marks the one it finished
+  bool overlap_;
+  bool all_in_ = false;  // finish() was called this step
   bool cancelled_ = false, quit_ = false;
   std::exception_ptr error_;
   double comm_seconds_ = 0, exposed_seconds_ = 0;

@@ -325,6 +325,11 @@ TEST(Cli, MixedPrecisionLossScalingAndResume) {
   CliRun bf16 = dptrain(base + "--precision bf16");
   ASSERT_EQ(bf16.code, 0) << bf16.err;
   EXPECT_NEAR(nlohmann::json::parse(bf16.out).at("train_loss").get<double>(), l32, 0.05);
+  CliRun tf32 = dptrain(base + "--precision tf32");
+  ASSERT_EQ(tf32.code, 0) << tf32.err;
+  const double l_tf32 = nlohmann::json::parse(tf32.out).at("train_loss");
+  EXPECT_NEAR(l_tf32, l32, 0.01);
+  EXPECT_NE(l_tf32, l32);  // the convolutions' operands were rounded
 
   // Scale 2^20: a few early steps overflow, so the scaler state in the checkpoint matters.
   const std::string scaled =

@@ -77,30 +77,40 @@ Tensor out(Shape s) {
 
 }  // namespace
 
+// fp32 (FMA math) within 1e-4 of the CPU engine; TF32 (tensor cores) within 5e-3 of the CPU
+// engine's TF32 emulation (the same rounded operands, unless cuDNN truncates them or picks a
+// kernel without tensor cores for a shape).
 TEST(Cuda, ConvolutionForwardAndBackward) {
   NEED_GPU();
-  for (const auto& [c, k, r, stride, pad, hw] :
-       std::vector<std::tuple<int, int, int, int, int, int>>{{3, 64, 7, 2, 3, 32},
-                                                             {64, 64, 3, 1, 1, 16},
-                                                             {64, 256, 1, 1, 0, 8},
-                                                             {128, 128, 3, 2, 1, 9},
-                                                             {256, 512, 1, 2, 0, 7}}) {
-    SCOPED_TRACE(std::to_string(c) + "->" + std::to_string(k) + " k" + std::to_string(r));
-    const Conv2dParams p{stride, pad};
-    const int64_t o = conv_out_size(hw, r, stride, pad);
-    Tensor x = random({2, c, hw, hw}, 1), w = random({k, c, r, r}, 2, 0.1f);
-    Tensor dy = random({2, k, o, o}, 3);
-    Tensor y({2, k, o, o}), dx(x.shape()), dw = random(w.shape(), 4);
-    Tensor gx = x.to(kGpu), gw = w.to(kGpu), gdy = dy.to(kGpu), gy = out({2, k, o, o}),
-           gdx = out(x.shape()), gdw = dw.to(kGpu);
-    conv2d_forward(x, w, y, p);
-    conv2d_forward(gx, gw, gy, p);
-    EXPECT_LT(rel_error(gy, y), 1e-4);
-    conv2d_backward(dy, x, w, &dx, dw, p);  // dw accumulates onto its random start
-    conv2d_backward(gdy, gx, gw, &gdx, gdw, p);
-    EXPECT_LT(rel_error(gdx, dx), 1e-4);
-    EXPECT_LT(rel_error(gdw, dw), 1e-4);
-  }
+  for (const bool tf32 : {false, true})
+    for (const auto& [c, k, r, stride, pad, hw] :
+         std::vector<std::tuple<int, int, int, int, int, int>>{{3, 64, 7, 2, 3, 32},
+                                                               {64, 64, 3, 1, 1, 16},
+                                                               {64, 256, 1, 1, 0, 8},
+                                                               {128, 128, 3, 2, 1, 9},
+                                                               {256, 512, 1, 2, 0, 7}}) {
+      SCOPED_TRACE(std::to_string(c) + "->" + std::to_string(k) + " k" + std::to_string(r) +
+                   (tf32 ? " tf32" : " fp32"));
+      const Conv2dParams p{stride, pad, tf32};
+      const double bound = tf32 ? 5e-3 : 1e-4;
+      const int64_t o = conv_out_size(hw, r, stride, pad);
+      Tensor x = random({2, c, hw, hw}, 1), w = random({k, c, r, r}, 2, 0.1f);
+      Tensor dy = random({2, k, o, o}, 3);
+      Tensor y({2, k, o, o}), dx(x.shape()), dw = random(w.shape(), 4);
+      Tensor gx = x.to(kGpu), gw = w.to(kGpu), gdy = dy.to(kGpu), gy = out({2, k, o, o}),
+             gdx = out(x.shape()), gdw = dw.to(kGpu);
+      conv2d_forward(x, w, y, p);
+      conv2d_forward(gx, gw, gy, p);
+      EXPECT_LT(rel_error(gy, y), bound);
+      conv2d_backward(dy, x, w, &dx, dw, p);  // dw accumulates onto its random start
+      conv2d_backward(gdy, gx, gw, &gdx, gdw, p);
+      EXPECT_LT(rel_error(gdx, dx), bound);
+      EXPECT_LT(rel_error(gdw, dw), bound);
+      if (tf32)
+        std::printf(
+            "[ measured ] tf32 conv %d->%d k%d: forward %.2g, dx %.2g, dw %.2g from the CPU\n", c,
+            k, r, rel_error(gy, y), rel_error(gdx, dx), rel_error(gdw, dw));
+    }
 }
 
 TEST(Cuda, BatchNormPieces) {

@@ -3,8 +3,10 @@
 #include <gtest/gtest.h>
 
 #include <cmath>
+#include <limits>
 
 #include "kernels/amp.h"
+#include "kernels/conv.h"
 #include "models/arch.h"
 #include "models/optimizer.h"
 #include "models/resnet.h"
@@ -274,11 +276,54 @@ TEST(MixedPrecision, HalfForwardIsCloseToFloat) {
   Rng rng(4);
   for (int64_t i = 0; i < x.numel(); ++i) x.data<float>()[i] = rng.normal();
   const Tensor full = m->forward(x.clone());
-  m->set_precision(DType::F16);
-  for (auto& [name, sub] : m->named_modules()) EXPECT_EQ(sub->precision(), DType::F16) << name;
+  m->set_precision(Precision::FP16);
+  for (auto& [name, sub] : m->named_modules()) EXPECT_EQ(sub->precision(), Precision::FP16) << name;
   const Tensor half = m->forward(x.clone());
   const double err = relative_error(half, full);
   EXPECT_GT(err, 0.0);
   EXPECT_LT(err, 1e-2);
-  EXPECT_THROW(m->set_precision(DType::I64), ConfigError);
+  m->set_precision(parse_precision("tf32"));  // operands of the convolutions only
+  const double tf32_err = relative_error(m->forward(x.clone()), full);
+  EXPECT_GT(tf32_err, 0.0);
+  EXPECT_LT(tf32_err, err);
+  EXPECT_EQ(parse_precision("bf16"), Precision::BF16);
+  EXPECT_THROW(parse_precision("fp8"), UsageError);
+}
+
+// TF32 keeps 10 mantissa bits, rounding to nearest even; a tf32 convolution is the float32 one
+// on rounded operands, forward and backward.
+TEST(MixedPrecision, Tf32RoundsConvolutionOperands) {
+  const float ulp = std::ldexp(1.0f, -10);
+  EXPECT_EQ(round_to_tf32(1.0f + ulp / 2), 1.0f);               // tie: to even
+  EXPECT_EQ(round_to_tf32(1.0f + 1.5f * ulp), 1.0f + 2 * ulp);  // tie: to even
+  EXPECT_EQ(round_to_tf32(1.0f + 0.51f * ulp), 1.0f + ulp);     // above the tie
+  EXPECT_EQ(round_to_tf32(-3.0f - 0.49f * 2 * ulp), -3.0f);     // below it, negative
+  EXPECT_EQ(round_to_tf32(std::numeric_limits<float>::infinity()),
+            std::numeric_limits<float>::infinity());
+  EXPECT_TRUE(std::isnan(round_to_tf32(std::nanf(""))));
+  Rng rng(9);
+  auto random = [&](Shape s) {
+    Tensor t(std::move(s));
+    for (int64_t i = 0; i < t.numel(); ++i) t.data<float>()[i] = rng.normal();
+    return t;
+  };
+  auto rounded = [](const Tensor& t) {
+    Tensor r = t.clone();
+    for (int64_t i = 0; i < r.numel(); ++i) r.data<float>()[i] = round_to_tf32(r.data<float>()[i]);
+    return r;
+  };
+  const Tensor x = random({2, 3, 6, 6}), w = random({4, 3, 3, 3}), dy = random({2, 4, 6, 6});
+  Conv2dParams p{1, 1, true}, plain{1, 1, false};
+  Tensor y({2, 4, 6, 6}), want({2, 4, 6, 6}), fp32({2, 4, 6, 6});
+  conv2d_forward(x, w, y, p);
+  conv2d_forward(rounded(x), rounded(w), want, plain);
+  conv2d_forward(x, w, fp32, plain);
+  EXPECT_EQ(relative_error(y, want), 0.0);
+  EXPECT_GT(relative_error(y, fp32), 0.0);
+  Tensor dx(x.shape()), dw = Tensor::zeros(w.shape()), dx2(x.shape()),
+                        dw2 = Tensor::zeros(w.shape());
+  conv2d_backward(dy, x, w, &dx, dw, p);
+  conv2d_backward(rounded(dy), rounded(x), rounded(w), &dx2, dw2, plain);
+  EXPECT_EQ(relative_error(dx, dx2), 0.0);
+  EXPECT_EQ(relative_error(dw, dw2), 0.0);
 }

@@ -137,10 +137,10 @@ TEST(DataParallel, ModulePrefixAsPyTorch) {
 // Mixed precision reaches every replica, not only the wrapped model (replica 0).
 TEST(DataParallel, PrecisionReachesEveryReplica) {
   auto dp = wrap(3, BnMode::Sync);
-  dp->set_precision(DType::F16);
+  dp->set_precision(Precision::FP16);
   for (int r = 0; r < 3; ++r)
     for (auto& [name, m] : dp->replica(r).named_modules())
-      EXPECT_EQ(m->precision(), DType::F16) << "replica " << r << " " << name;
+      EXPECT_EQ(m->precision(), Precision::FP16) << "replica " << r << " " << name;
 }
 
 TEST(DataParallel, TorchChunkSemantics) {

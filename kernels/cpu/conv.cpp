@@ -116,11 +116,27 @@ const float* unfold(const float* xp, const Geometry& g, int slot) {
   return col;
 }
 
+// A copy of t with every value rounded to TF32.
+Tensor tf32_copy(const Tensor& t) {
+  Tensor r = t.clone();
+  float* p = r.data<float>();
+  const int64_t n = r.numel();
+#pragma omp parallel for schedule(static) if (n > kParallelMin)
+  for (int64_t i = 0; i < n; ++i) p[i] = round_to_tf32(p[i]);
+  return r;
+}
+
+Conv2dParams without_tf32(Conv2dParams p) {
+  p.tf32 = false;
+  return p;
+}
+
 }  // namespace
 
 void conv2d_forward(const Tensor& x, const Tensor& w, Tensor& y, const Conv2dParams& prm) {
   check_f32_cpu(x, "conv2d x");
   check_f32_cpu(w, "conv2d w");
+  if (prm.tf32) return cpu::conv2d_forward(tf32_copy(x), tf32_copy(w), y, without_tf32(prm));
   const Geometry g = geometry(x, w, prm);
   DPT_ASSERT(y.shape() == Shape({g.N, g.Cout, g.Ho, g.Wo}), "conv2d: bad output shape ",
              shape_str(y.shape()));
@@ -139,6 +155,9 @@ void conv2d_backward(const Tensor& dy, const Tensor& x, const Tensor& w, Tensor*
                      const Conv2dParams& prm) {
   check_f32_cpu(dy, "conv2d dy");
   check_f32_cpu(dw, "conv2d dw");
+  if (prm.tf32)
+    return cpu::conv2d_backward(tf32_copy(dy), tf32_copy(x), tf32_copy(w), dx, dw,
+                                without_tf32(prm));
   const Geometry g = geometry(x, w, prm);
   DPT_ASSERT(dy.shape() == Shape({g.N, g.Cout, g.Ho, g.Wo}) && dw.shape() == w.shape(),
              "conv2d backward: bad shapes");

@@ -1,6 +1,7 @@
 // CUDA convolution on cuDNN (math in kernels/conv.h): forward, backward-data (dx overwritten,
-// skipped when null) and backward-filter (dw accumulated: beta = 1). fp32 with FMA math only
-// (no TF32), so results are comparable with the CPU engine. The algorithm for each shape is
+// skipped when null) and backward-filter (dw accumulated: beta = 1). fp32 with FMA math (no
+// TF32), comparable with the CPU engine, unless p.tf32 lets cuDNN use tensor cores (its default
+// math: TF32 on Ampere and later). The algorithm for each shape and math is
 // chosen once by cuDNN's heuristics (the fastest that fits the workspace limit) and cached per
 // thread; the workspace is a per-thread, per-device buffer that grows as needed.
 #include <array>
@@ -33,7 +34,7 @@ struct Descriptors {
                                          int(wt.dim(1)), int(wt.dim(2)), int(wt.dim(3))));
     DPT_CUDNN(cudnnSetConvolution2dDescriptor(conv, p.pad, p.pad, p.stride, p.stride, 1, 1,
                                               CUDNN_CROSS_CORRELATION, CUDNN_DATA_FLOAT));
-    DPT_CUDNN(cudnnSetConvolutionMathType(conv, CUDNN_FMA_MATH));
+    DPT_CUDNN(cudnnSetConvolutionMathType(conv, p.tf32 ? CUDNN_DEFAULT_MATH : CUDNN_FMA_MATH));
   }
   ~Descriptors() {
     cudnnDestroyTensorDescriptor(x);
@@ -45,11 +46,11 @@ struct Descriptors {
   Descriptors& operator=(const Descriptors&) = delete;
 };
 
-// Shape key: device, N, C, H, W, K, R, S, stride, pad.
-using Key = std::array<int64_t, 10>;
+// Shape key: device, N, C, H, W, K, R, S, stride, pad, tf32.
+using Key = std::array<int64_t, 11>;
 Key key_of(const Tensor& x, const Tensor& w, const Conv2dParams& p) {
-  return {x.device().index, x.dim(0), x.dim(1), x.dim(2), x.dim(3),
-          w.dim(0),         w.dim(2), w.dim(3), p.stride, p.pad};
+  return {x.device().index, x.dim(0), x.dim(1), x.dim(2), x.dim(3), w.dim(0),
+          w.dim(2),         w.dim(3), p.stride, p.pad,    p.tf32};
 }
 
 // The algorithm of each direction, chosen when first needed (the stem never needs
