@@ -67,7 +67,7 @@ void BM_SgdStep(benchmark::State& st) {
   const int64_t n = st.range(0);
   Tensor p = Tensor::full({n}, 1.0f), g = Tensor::full({n}, 0.1f), buf = Tensor::zeros({n});
   SgdParams h;
-  for (auto _ : st) sgd_step(p, g, buf, h, false);
+  for (auto _ : st) sgd_step({{&p, &g, &buf, false}}, h);
   st.SetBytesProcessed(int64_t(st.iterations()) * n * 4 * 4);
 }
 BENCHMARK(BM_SgdStep)->Arg(1 << 22)->Unit(benchmark::kMillisecond);

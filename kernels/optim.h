@@ -5,8 +5,11 @@
 //   buf = momentum * buf + (1 - dampening) g  afterwards
 //   g = g + momentum * buf  (Nesterov)  or  g = buf
 //   p = p - lr * g
-// Updates p and buf in place; grad is read only.
+// Updates p and buf in place; grad is read only. One call steps a list of parameters (the CUDA
+// engine in a few launches, up to kSgdSlotsPerLaunch tensors each: a multi-tensor update).
 #pragma once
+
+#include <vector>
 
 #include "core/tensor.h"
 #include "kernels/dispatch.h"
@@ -40,9 +43,18 @@ DPT_HOST_DEVICE inline float sgd_update(float p, float grad, float* buf, const S
   return p - h.lr * g;
 }
 
+// One parameter of a step, all on one device: buf is null without momentum; first_step: buf
+// has no history yet.
+struct SgdSlot {
+  Tensor* p;
+  const Tensor* grad;
+  Tensor* buf;
+  bool first_step;
+};
+inline constexpr int kSgdSlotsPerLaunch = 32;
+
 // Declared once, for the CPU engine and for the CUDA backend.
-#define DPT_OPTIM_KERNELS \
-  void sgd_step(Tensor& p, const Tensor& grad, Tensor& buf, const SgdParams& h, bool first_step);
+#define DPT_OPTIM_KERNELS void sgd_step(const std::vector<SgdSlot>& slots, const SgdParams& h);
 namespace cpu {
 DPT_OPTIM_KERNELS
 }  // namespace cpu
@@ -50,9 +62,9 @@ namespace cuda {
 DPT_OPTIM_KERNELS
 }  // namespace cuda
 
-inline void sgd_step(Tensor& p, const Tensor& grad, Tensor& buf, const SgdParams& h,
-                     bool first_step) {
-  DPT_ON_DEVICE(p.device(), sgd_step, p, grad, buf, h, first_step);
+inline void sgd_step(const std::vector<SgdSlot>& slots, const SgdParams& h) {
+  if (slots.empty()) return;
+  DPT_ON_DEVICE(slots[0].p->device(), sgd_step, slots, h);
 }
 
 }  // namespace dpt

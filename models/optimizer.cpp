@@ -8,14 +8,15 @@
 namespace dpt {
 
 void Sgd::step(Module& m) {
+  std::vector<SgdSlot> slots;
   for (auto& [name, p] : m.named_parameters()) {
     auto it = bufs_.find(name);
-    bool first = it == bufs_.end();
+    const bool first = it == bufs_.end();
     if (first && h_.momentum != 0)
       it = bufs_.emplace(name, Tensor(p->value.shape(), DType::F32, p->value.device())).first;
-    Tensor none;
-    sgd_step(p->value, p->grad, h_.momentum != 0 ? it->second : none, h_, first);
+    slots.push_back({&p->value, &p->grad, h_.momentum != 0 ? &it->second : nullptr, first});
   }
+  sgd_step(slots, h_);
 }
 
 GradScaler::GradScaler(float scale, float growth, float backoff, int64_t interval)

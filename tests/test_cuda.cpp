@@ -200,17 +200,33 @@ TEST(Cuda, PoolingElementwiseLinearLossAndSgd) {
   EXPECT_LT(rel_error(gdz, dz), 1e-6);
   t.data<int64_t>()[3] = 1000;  // out of range: the same clear error as on the CPU
   EXPECT_THROW(softmax_cross_entropy(z.to(kGpu), t.to(kGpu), nullptr), ConfigError);
-  // SGD with momentum, weight decay and Nesterov, first step and later.
+  // SGD with momentum, weight decay and Nesterov, first step and later, on 70 parameters of
+  // sizes 0 to 69999 at once (three multi-tensor launches, one parameter empty).
   for (bool nesterov : {false, true}) {
-    Tensor p = random({300}, 22), g = random({300}, 23), buf({300});
-    Tensor gp = p.to(kGpu), gg = g.to(kGpu), gbuf = out({300});
     const SgdParams h{0.1f, 0.9f, 0.0f, 5e-4f, nesterov};
-    for (bool first : {true, false, false}) {
-      sgd_step(p, g, buf, h, first);
-      sgd_step(gp, gg, gbuf, h, first);
+    std::vector<Tensor> p, g, buf, gp, gg, gbuf;
+    for (int i = 0; i < 70; ++i) {
+      const int64_t n = (i * 1000 + 7 * i) % 70000;
+      p.push_back(random({n}, 22 + i));
+      g.push_back(random({n}, 122 + i));
+      buf.emplace_back(Shape{n});
+      gp.push_back(p.back().to(kGpu));
+      gg.push_back(g.back().to(kGpu));
+      gbuf.push_back(out({n}));
     }
-    EXPECT_LT(rel_error(gp, p), 1e-6);
-    EXPECT_LT(rel_error(gbuf, buf), 1e-6);
+    for (bool first : {true, false, false}) {
+      std::vector<SgdSlot> cpu_slots, gpu_slots;
+      for (size_t i = 0; i < p.size(); ++i) {
+        cpu_slots.push_back({&p[i], &g[i], &buf[i], first});
+        gpu_slots.push_back({&gp[i], &gg[i], &gbuf[i], first});
+      }
+      sgd_step(cpu_slots, h);
+      sgd_step(gpu_slots, h);
+    }
+    for (size_t i = 0; i < p.size(); ++i) {
+      EXPECT_LT(rel_error(gp[i], p[i]), 1e-6) << i;
+      EXPECT_LT(rel_error(gbuf[i], buf[i]), 1e-6) << i;
+    }
   }
 }
 

@@ -5,16 +5,19 @@
 
 namespace dpt::cpu {
 
-void sgd_step(Tensor& p, const Tensor& grad, Tensor& buf, const SgdParams& h, bool first_step) {
-  check_f32_cpu(p, "sgd parameter");
-  DPT_ASSERT(grad.numel() == p.numel(), "sgd: grad shape");
-  float* pp = p.data<float>();
-  const float* gp = grad.data<float>();
-  float* bp = h.momentum != 0 ? buf.data<float>() : nullptr;
-  const int64_t n = p.numel();
+void sgd_step(const std::vector<SgdSlot>& slots, const SgdParams& h) {
+  for (const SgdSlot& s : slots) {
+    check_f32_cpu(*s.p, "sgd parameter");
+    DPT_ASSERT(s.grad->numel() == s.p->numel(), "sgd: grad shape");
+    float* pp = s.p->data<float>();
+    const float* gp = s.grad->data<float>();
+    float* bp = h.momentum != 0 ? s.buf->data<float>() : nullptr;
+    const int64_t n = s.p->numel();
+    const bool first = s.first_step;
 #pragma omp parallel for simd schedule(static) if (n > 65536)
-  for (int64_t i = 0; i < n; ++i)
-    pp[i] = sgd_update(pp[i], gp[i], bp ? bp + i : nullptr, h, first_step);
+    for (int64_t i = 0; i < n; ++i)
+      pp[i] = sgd_update(pp[i], gp[i], bp ? bp + i : nullptr, h, first);
+  }
 }
 
 }  // namespace dpt::cpu
