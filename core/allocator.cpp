@@ -76,6 +76,13 @@ void CachingAllocator::deallocate(int device, void* p) {
   const Block b = it->second;
   live_.erase(it);
   stats_[device].in_use -= int64_t(b.size);
+  if (b.owner == std::thread::id()) {  // its thread has ended: back to the backend
+    stats_[device].reserved -= int64_t(b.size);
+    ++stats_[device].backend_frees;
+    lock.unlock();
+    backend_.free(device, p);
+    return;
+  }
   if (b.owner != std::this_thread::get_id()) {
     lock.unlock();
     try {
@@ -108,6 +115,35 @@ void CachingAllocator::empty_cache(int device) {
     }
   }
   for (void* p : release) backend_.free(device, p);
+}
+
+void CachingAllocator::release_thread() noexcept {
+  const std::thread::id me = std::this_thread::get_id();
+  std::vector<std::pair<int, void*>> release;
+  {
+    std::lock_guard<std::mutex> lock(m_);
+    for (auto& [p, b] : live_)
+      if (b.owner == me) b.owner = std::thread::id();  // no cache to go home to any more
+    for (auto it = cached_.begin(); it != cached_.end();) {
+      if (it->first.second != me) {
+        ++it;
+        continue;
+      }
+      AllocatorStats& s = stats_[it->first.first];
+      for (auto& [size, p] : it->second) {
+        release.emplace_back(it->first.first, p);
+        s.reserved -= int64_t(size);
+        ++s.backend_frees;
+      }
+      it = cached_.erase(it);
+    }
+  }
+  for (auto [device, p] : release) {
+    try {
+      backend_.free(device, p);
+    } catch (...) {  // a failed device at a thread's end: nothing more to do
+    }
+  }
 }
 
 AllocatorStats CachingAllocator::stats(int device) const {

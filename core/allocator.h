@@ -10,7 +10,9 @@
 // so work queued on a block before it was freed runs before work queued after its reuse by the
 // same thread. A block freed by another thread first waits for that thread's queued work, then
 // returns to its owner's cache. (A thread that launches work on another thread's tensor must be
-// done with it before the owner frees it, as with PyTorch's record_stream.)
+// done with it before the owner frees it, as with PyTorch's record_stream.) A thread that ends
+// calls release_thread(): its cached blocks go back to the backend, and so do its live blocks
+// when they are freed, so that no cache is left without a thread to use it.
 //
 // When the backend runs out of memory, the device's whole cache is released (after the device
 // is idle) and the request retried once; after that, DeviceError with the figures. The backend is
@@ -54,6 +56,7 @@ class CachingAllocator {
   void* allocate(int device, size_t bytes);  // nullptr for 0 bytes
   void deallocate(int device, void* p);      // p from allocate on this device, or nullptr
   void empty_cache(int device);              // returns the device's cached blocks to the backend
+  void release_thread() noexcept;            // the calling thread ends (see above)
   AllocatorStats stats(int device) const;
   void reset_peak(int device);
 

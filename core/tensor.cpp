@@ -36,6 +36,11 @@ void* device_alloc(const Device& d, size_t bytes) {
     const int n = cuda_device_count(&why);
     DPT_CHECK(d.index < n, DeviceError, "cannot allocate on ", d.str(), ": ",
               n == 0 ? why : std::to_string(n) + " GPU(s) visible");
+    // A thread that allocated device memory hands its cache back when it ends.
+    thread_local const struct ReleaseAtExit {
+      ~ReleaseAtExit() { cuda_allocator().release_thread(); }
+    } release_at_exit;
+    (void)release_at_exit;
     return cuda_allocator().allocate(d.index, bytes);
   }
   if (bytes == 0) return nullptr;

@@ -237,6 +237,27 @@ TEST(CachingAllocator, OutOfMemoryReleasesTheCacheThenReportsFigures) {
   EXPECT_TRUE(dev.live.empty());
 }
 
+// A thread that ends hands its cached blocks back at once, and its live ones when freed.
+TEST(CachingAllocator, AnEndingThreadLeavesNoCacheBehind) {
+  FakeDevice dev(64 * MiB);
+  CachingAllocator a(dev.backend(), "cuda");
+  void* kept = nullptr;
+  std::thread([&] {
+    void* cached = a.allocate(0, 5000);
+    kept = a.allocate(1, 3 * MiB);
+    a.deallocate(0, cached);
+    a.release_thread();
+  }).join();
+  EXPECT_EQ(dev.frees, 1);
+  EXPECT_EQ(a.stats(0).reserved, 0);
+  EXPECT_EQ(a.stats(1).reserved, int64_t(4 * MiB));
+  a.deallocate(1, kept);  // its owner has ended: straight back
+  EXPECT_EQ(dev.frees, 2);
+  EXPECT_EQ(a.stats(1).reserved, 0);
+  EXPECT_EQ(a.stats(1).backend_frees, 1);
+  EXPECT_TRUE(dev.live.empty());
+}
+
 TEST(CachingAllocator, BlocksFreedByAnotherThreadWaitAndGoHome) {
   FakeDevice dev(64 * MiB);
   CachingAllocator a(dev.backend(), "cuda");

@@ -1,9 +1,9 @@
 // CUDA convolution on cuDNN (math in kernels/conv.h): forward, backward-data (dx overwritten,
 // skipped when null) and backward-filter (dw accumulated: beta = 1). fp32 with FMA math (no
 // TF32), comparable with the CPU engine, unless p.tf32 lets cuDNN use tensor cores (its default
-// math: TF32 on Ampere and later). The algorithm for each shape and math is
-// chosen once by cuDNN's heuristics (the fastest that fits the workspace limit) and cached per
-// thread; the workspace is a per-thread, per-device buffer that grows as needed.
+// math: TF32 on Ampere and later). The descriptors and the algorithm of each shape and math are
+// made once (the algorithm by cuDNN's heuristics: the fastest that fits the workspace limit) and
+// cached per thread; the workspace is a per-thread, per-device buffer that grows as needed.
 #include <array>
 #include <map>
 #include <memory>
@@ -72,9 +72,16 @@ const Perf& pick(const std::vector<Perf>& perf, int n, const char* what) {
   DPT_THROW(DeviceError, "cuDNN offers no ", what, " algorithm for this convolution");
 }
 
-Algos& algos_for(const Key& key) {
-  thread_local std::map<Key, Algos> cache;
-  return cache[key];
+// This thread's descriptors and algorithms for the convolution of x by w into y.
+struct Plan {
+  std::unique_ptr<Descriptors> d;
+  Algos a;
+};
+Plan& plan_for(const Tensor& x, const Tensor& w, const Tensor& y, const Conv2dParams& p) {
+  thread_local std::map<Key, Plan> cache;
+  Plan& plan = cache[key_of(x, w, p)];
+  if (!plan.d) plan.d = std::make_unique<Descriptors>(x, w, y, p);
+  return plan;
 }
 
 void choose_fwd(cudnnHandle_t h, const Descriptors& d, Algos& a) {
@@ -127,8 +134,9 @@ void* workspace(int dev, size_t bytes) {
 void conv2d_forward(const Tensor& x, const Tensor& w, Tensor& y, const Conv2dParams& p) {
   check_operands("conv2d_forward", {&x, &w, &y});
   Handles& h = handles_for(x);
-  const Descriptors d(x, w, y, p);
-  Algos& a = algos_for(key_of(x, w, p));
+  Plan& plan = plan_for(x, w, y, p);
+  const Descriptors& d = *plan.d;
+  Algos& a = plan.a;
   choose_fwd(h.cudnn, d, a);
   const float one = 1.0f, zero = 0.0f;
   DPT_CUDNN(cudnnConvolutionForward(h.cudnn, &one, d.x, x.raw(), d.w, w.raw(), d.conv, a.fwd,
@@ -141,8 +149,9 @@ void conv2d_backward(const Tensor& dy, const Tensor& x, const Tensor& w, Tensor*
   check_operands("conv2d_backward", {&x, &dy, &w, &dw});
   if (dx) check_operands("conv2d_backward", {&x, dx});
   Handles& h = handles_for(x);
-  const Descriptors d(x, w, dy, p);
-  Algos& a = algos_for(key_of(x, w, p));
+  Plan& plan = plan_for(x, w, dy, p);
+  const Descriptors& d = *plan.d;
+  Algos& a = plan.a;
   const float one = 1.0f, zero = 0.0f;
   const int dev = x.device().index;
   choose_filter(h.cudnn, d, a);
