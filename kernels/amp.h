@@ -5,6 +5,8 @@
 //                              as IEEE half does); t == F32 leaves x alone
 //   scale_check_(ts, factor):  t = t * factor for every t in ts; returns whether any value of any
 //                              t was inf or NaN before scaling (GradScaler's found_inf)
+//   cast(src, dst):            dst = src in dst's dtype, between F32 and F16 / BF16 (rounding as
+//                              round_; exact from 16 bits to 32), same shape and device
 //
 // fp16 and bf16 training keeps fp32 storage and rounds at the boundaries of the matrix ops
 // (models/layers.cpp); these ops are the rounding and the loss scaling.
@@ -39,9 +41,10 @@ inline DType rounding_of(Precision p) {
 }
 
 // Declared once, for the CPU engine and for the CUDA backend.
-#define DPT_AMP_KERNELS            \
-  void round_(Tensor& x, DType t); \
-  bool scale_check_(const std::vector<Tensor*>& ts, float factor);
+#define DPT_AMP_KERNELS                                            \
+  void round_(Tensor& x, DType t);                                 \
+  bool scale_check_(const std::vector<Tensor*>& ts, float factor); \
+  void cast(const Tensor& src, Tensor& dst);
 
 namespace cpu {
 DPT_AMP_KERNELS
@@ -57,6 +60,15 @@ inline void round_(Tensor& x, DType t) {
 inline bool scale_check_(const std::vector<Tensor*>& ts, float factor) {
   if (ts.empty()) return false;
   DPT_ON_DEVICE(ts[0]->device(), scale_check_, ts, factor);
+}
+inline void cast(const Tensor& src, Tensor& dst) {
+  DPT_ON_DEVICE(src.device(), cast, src, dst);
+}
+// A copy of t (float32) in dtype d (F16 or BF16), on t's device.
+inline Tensor cast_to(const Tensor& t, DType d) {
+  Tensor out(t.shape(), d, t.device());
+  cast(t, out);
+  return out;
 }
 
 }  // namespace dpt

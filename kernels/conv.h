@@ -5,12 +5,18 @@
 // Forward overwrites y. Backward overwrites dx (skipped when dx is undefined, e.g. for the stem)
 // and ACCUMULATES into dw, so parameter gradients sum over calls until zero_grad.
 //
-// tf32: the products take both operands rounded to TF32 (10 mantissa bits), sums stay float32,
-// as tensor cores do on Ampere and later GPUs (cuDNN's default math); the CPU engine rounds
-// copies of the operands the same way. Off: float32 products throughout (cuDNN's FMA math).
+// precision (kernels/amp.h), as tensor cores compute:
+//   FP32  float32 products and sums (cuDNN's FMA math);
+//   TF32  the operands rounded to TF32 (10 mantissa bits), products exact, sums float32 (cuDNN's
+//         default math on Ampere and later);
+//   FP16, BF16  the operands rounded to that format, products exact, sums float32, and the
+//         outputs (y, dx, and what is added to dw) rounded to it (cuDNN on 16-bit copies with
+//         tensor-core math).
+// The CPU engine rounds copies of the operands and the outputs the same way.
 #pragma once
 
 #include "core/tensor.h"
+#include "kernels/amp.h"
 #include "kernels/dispatch.h"
 
 namespace dpt {
@@ -18,7 +24,7 @@ namespace dpt {
 struct Conv2dParams {
   int stride = 1;
   int pad = 0;
-  bool tf32 = false;
+  Precision precision = Precision::FP32;
 };
 
 inline int64_t conv_out_size(int64_t in, int64_t k, int stride, int pad) {

@@ -64,36 +64,28 @@ void add_rounded_grad(Tensor& grad, DType d, F fill) {
 
 }  // namespace
 
+// The kernels round the operands and outputs as the precision asks (kernels/conv.h).
 Conv2dParams Conv2d::params() const {
   Conv2dParams p = p_;
-  p.tf32 = precision() == Precision::TF32;
+  p.precision = precision();
   return p;
 }
 
 Tensor Conv2d::forward(Tensor x) {
-  const DType d = rounding_of(precision());
-  const Tensor w = rounded(weight.value, d);
-  x = rounded(x, d);
+  const Tensor& w = weight.value;
   Tensor y({x.dim(0), w.dim(0), conv_out_size(x.dim(2), w.dim(2), p_.stride, p_.pad),
             conv_out_size(x.dim(3), w.dim(3), p_.stride, p_.pad)},
            DType::F32, x.device());
   conv2d_forward(x, w, y, params());
-  round_(y, d);
   if (is_training()) x_ = std::move(x);
   return y;
 }
 
 Tensor Conv2d::backward(Tensor dy) {
   DPT_ASSERT(x_.defined(), "Conv2d::backward without a training-mode forward");
-  const DType d = rounding_of(precision());
-  const Tensor w = rounded(weight.value, d);
-  dy = rounded(dy, d);
   Tensor dx;
   if (input_grad_) dx = Tensor(x_.shape(), DType::F32, x_.device());
-  add_rounded_grad(weight.grad, d, [&](Tensor& g) {
-    conv2d_backward(dy, x_, w, input_grad_ ? &dx : nullptr, g, params());
-  });
-  if (input_grad_) round_(dx, d);
+  conv2d_backward(dy, x_, weight.value, input_grad_ ? &dx : nullptr, weight.grad, params());
   grads_ready();
   release();
   return dx;

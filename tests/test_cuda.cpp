@@ -77,12 +77,13 @@ Tensor out(Shape s) {
 
 }  // namespace
 
-// fp32 (FMA math) within 1e-4 of the CPU engine; TF32 (tensor cores) within 5e-3 of the CPU
-// engine's TF32 emulation (the same rounded operands, unless cuDNN truncates them or picks a
-// kernel without tensor cores for a shape).
+// fp32 (FMA math) within 1e-4 of the CPU engine; TF32, fp16 and bf16 (tensor cores) against the
+// CPU engine's emulation of them (the same rounded operands and outputs, unless cuDNN truncates
+// the TF32 operands or picks a kernel without tensor cores for a shape): within 5e-3, 2e-3
+// (half an fp16 ulp plus summation order) and 1e-2.
 TEST(Cuda, ConvolutionForwardAndBackward) {
   NEED_GPU();
-  for (const bool tf32 : {false, true})
+  for (const Precision pr : {Precision::FP32, Precision::TF32, Precision::FP16, Precision::BF16})
     for (const auto& [c, k, r, stride, pad, hw] :
          std::vector<std::tuple<int, int, int, int, int, int>>{{3, 64, 7, 2, 3, 32},
                                                                {64, 64, 3, 1, 1, 16},
@@ -90,9 +91,12 @@ TEST(Cuda, ConvolutionForwardAndBackward) {
                                                                {128, 128, 3, 2, 1, 9},
                                                                {256, 512, 1, 2, 0, 7}}) {
       SCOPED_TRACE(std::to_string(c) + "->" + std::to_string(k) + " k" + std::to_string(r) +
-                   (tf32 ? " tf32" : " fp32"));
-      const Conv2dParams p{stride, pad, tf32};
-      const double bound = tf32 ? 5e-3 : 1e-4;
+                   " precision " + std::to_string(int(pr)));
+      const Conv2dParams p{stride, pad, pr};
+      const double bound = pr == Precision::FP32   ? 1e-4
+                           : pr == Precision::TF32 ? 5e-3
+                           : pr == Precision::FP16 ? 2e-3
+                                                   : 1e-2;
       const int64_t o = conv_out_size(hw, r, stride, pad);
       Tensor x = random({2, c, hw, hw}, 1), w = random({k, c, r, r}, 2, 0.1f);
       Tensor dy = random({2, k, o, o}, 3);
@@ -106,10 +110,9 @@ TEST(Cuda, ConvolutionForwardAndBackward) {
       conv2d_backward(gdy, gx, gw, &gdx, gdw, p);
       EXPECT_LT(rel_error(gdx, dx), bound);
       EXPECT_LT(rel_error(gdw, dw), bound);
-      if (tf32)
-        std::printf(
-            "[ measured ] tf32 conv %d->%d k%d: forward %.2g, dx %.2g, dw %.2g from the CPU\n", c,
-            k, r, rel_error(gy, y), rel_error(gdx, dx), rel_error(gdw, dw));
+      if (pr != Precision::FP32)
+        std::printf("[ measured ] precision %d conv %d->%d k%d: forward %.2g, dx %.2g, dw %.2g\n",
+                    int(pr), c, k, r, rel_error(gy, y), rel_error(gdx, dx), rel_error(gdw, dw));
     }
 }
 
@@ -289,6 +292,12 @@ TEST(Cuda, MixedPrecisionHelpersEqualTheCpu) {
     round_(c, t);
     round_(g, t);
     EXPECT_EQ(g.to_vector(), c.to_vector()) << dtype_name(t);
+    const Tensor h = cast_to(x.to(kGpu), t);  // 16-bit storage: the same values, back exactly
+    EXPECT_EQ(h.dtype(), t);
+    EXPECT_EQ(h.to_vector(), c.to_vector()) << dtype_name(t);
+    Tensor back(x.shape(), DType::F32, kGpu);
+    cast(h, back);
+    EXPECT_EQ(back.to_vector(), c.to_vector()) << dtype_name(t);
   }
   Tensor a = random({5000}, 22), b = random({300}, 23);
   Tensor ga = a.to(kGpu), gb = b.to(kGpu);

@@ -7,6 +7,7 @@
 
 #include "kernels/amp.h"
 #include "kernels/conv.h"
+#include "kernels/elementwise.h"
 #include "models/arch.h"
 #include "models/optimizer.h"
 #include "models/resnet.h"
@@ -231,6 +232,15 @@ TEST(MixedPrecision, RoundingScalingAndTheScaler) {
   Tensor same = Tensor::from_vector({2}, {1 + h, 3});
   round_(same, DType::F32);
   EXPECT_EQ(same.to_vector(), (std::vector<float>{1 + h, 3}));
+  // cast: to 16-bit storage rounds as round_, and back is exact.
+  const Tensor src = Tensor::from_vector({3}, {1 + 3 * h, 65520, -2.5f});
+  const Tensor half = cast_to(src, DType::F16);
+  EXPECT_EQ(half.dtype(), DType::F16);
+  Tensor wide({3});
+  cast(half, wide);
+  EXPECT_EQ(wide.to_vector(), (std::vector<float>{1 + 4 * h, inf, -2.5f}));
+  cast(cast_to(src, DType::BF16), wide);
+  EXPECT_EQ(wide.to_vector(), (std::vector<float>{1, 65536, -2.5f}));
 
   Tensor g1 = Tensor::from_vector({3}, {1, -2, 4}), g2 = Tensor::from_vector({2}, {8, 0});
   EXPECT_FALSE(scale_check_({&g1, &g2}, 0.5f));
@@ -291,8 +301,9 @@ TEST(MixedPrecision, HalfForwardIsCloseToFloat) {
 }
 
 // TF32 keeps 10 mantissa bits, rounding to nearest even; a tf32 convolution is the float32 one
-// on rounded operands, forward and backward.
-TEST(MixedPrecision, Tf32RoundsConvolutionOperands) {
+// on rounded operands, forward and backward; an fp16 or bf16 one also rounds its outputs (and
+// the part it adds to dw).
+TEST(MixedPrecision, ConvolutionPrecisionsRoundOperandsAndOutputs) {
   const float ulp = std::ldexp(1.0f, -10);
   EXPECT_EQ(round_to_tf32(1.0f + ulp / 2), 1.0f);               // tie: to even
   EXPECT_EQ(round_to_tf32(1.0f + 1.5f * ulp), 1.0f + 2 * ulp);  // tie: to even
@@ -307,23 +318,37 @@ TEST(MixedPrecision, Tf32RoundsConvolutionOperands) {
     for (int64_t i = 0; i < t.numel(); ++i) t.data<float>()[i] = rng.normal();
     return t;
   };
-  auto rounded = [](const Tensor& t) {
-    Tensor r = t.clone();
-    for (int64_t i = 0; i < r.numel(); ++i) r.data<float>()[i] = round_to_tf32(r.data<float>()[i]);
-    return r;
-  };
   const Tensor x = random({2, 3, 6, 6}), w = random({4, 3, 3, 3}), dy = random({2, 4, 6, 6});
-  Conv2dParams p{1, 1, true}, plain{1, 1, false};
-  Tensor y({2, 4, 6, 6}), want({2, 4, 6, 6}), fp32({2, 4, 6, 6});
-  conv2d_forward(x, w, y, p);
-  conv2d_forward(rounded(x), rounded(w), want, plain);
-  conv2d_forward(x, w, fp32, plain);
-  EXPECT_EQ(relative_error(y, want), 0.0);
-  EXPECT_GT(relative_error(y, fp32), 0.0);
-  Tensor dx(x.shape()), dw = Tensor::zeros(w.shape()), dx2(x.shape()),
-                        dw2 = Tensor::zeros(w.shape());
-  conv2d_backward(dy, x, w, &dx, dw, p);
-  conv2d_backward(rounded(dy), rounded(x), rounded(w), &dx2, dw2, plain);
-  EXPECT_EQ(relative_error(dx, dx2), 0.0);
-  EXPECT_EQ(relative_error(dw, dw2), 0.0);
+  const Tensor dw0 = random(w.shape());  // dw accumulates onto what it holds
+  for (const Precision pr : {Precision::TF32, Precision::FP16, Precision::BF16}) {
+    SCOPED_TRACE(int(pr));
+    const DType out = rounding_of(pr);  // F32 (no rounding of outputs) for TF32
+    auto rounded = [&](const Tensor& t) {
+      Tensor r = t.clone();
+      for (int64_t i = 0; i < r.numel(); ++i) {
+        float& v = r.data<float>()[i];
+        v = pr == Precision::TF32 ? round_to_tf32(v)
+            : out == DType::F16   ? f16_to_float(float_to_f16(v))
+                                  : bf16_to_float(float_to_bf16(v));
+      }
+      return r;
+    };
+    const Conv2dParams p{1, 1, pr}, plain{1, 1};
+    Tensor y({2, 4, 6, 6}), want({2, 4, 6, 6}), fp32({2, 4, 6, 6});
+    conv2d_forward(x, w, y, p);
+    conv2d_forward(rounded(x), rounded(w), want, plain);
+    round_(want, out);
+    conv2d_forward(x, w, fp32, plain);
+    EXPECT_EQ(relative_error(y, want), 0.0);
+    EXPECT_GT(relative_error(y, fp32), 0.0);
+    Tensor dx(x.shape()), dw = dw0.clone(), dx2(x.shape()), part = Tensor::zeros(w.shape());
+    conv2d_backward(dy, x, w, &dx, dw, p);
+    conv2d_backward(rounded(dy), rounded(x), rounded(w), &dx2, part, plain);
+    round_(dx2, out);
+    round_(part, out);
+    Tensor dw2 = dw0.clone();
+    add_(dw2, part);
+    EXPECT_EQ(relative_error(dx, dx2), 0.0);
+    EXPECT_EQ(relative_error(dw, dw2), 0.0);
+  }
 }

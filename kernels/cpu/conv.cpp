@@ -13,6 +13,7 @@
 #include <cstring>
 
 #include "kernels/cpu/common.h"
+#include "kernels/elementwise.h"
 
 namespace dpt::cpu {
 
@@ -116,9 +117,13 @@ const float* unfold(const float* xp, const Geometry& g, int slot) {
   return col;
 }
 
-// A copy of t with every value rounded to TF32.
-Tensor tf32_copy(const Tensor& t) {
+// A copy of operand t as precision `pr` takes it (kernels/conv.h).
+Tensor operand(const Tensor& t, Precision pr) {
   Tensor r = t.clone();
+  if (pr != Precision::TF32) {
+    cpu::round_(r, rounding_of(pr));
+    return r;
+  }
   float* p = r.data<float>();
   const int64_t n = r.numel();
 #pragma omp parallel for schedule(static) if (n > kParallelMin)
@@ -126,8 +131,8 @@ Tensor tf32_copy(const Tensor& t) {
   return r;
 }
 
-Conv2dParams without_tf32(Conv2dParams p) {
-  p.tf32 = false;
+Conv2dParams in_fp32(Conv2dParams p) {
+  p.precision = Precision::FP32;
   return p;
 }
 
@@ -136,7 +141,11 @@ Conv2dParams without_tf32(Conv2dParams p) {
 void conv2d_forward(const Tensor& x, const Tensor& w, Tensor& y, const Conv2dParams& prm) {
   check_f32_cpu(x, "conv2d x");
   check_f32_cpu(w, "conv2d w");
-  if (prm.tf32) return cpu::conv2d_forward(tf32_copy(x), tf32_copy(w), y, without_tf32(prm));
+  if (const Precision pr = prm.precision; pr != Precision::FP32) {
+    cpu::conv2d_forward(operand(x, pr), operand(w, pr), y, in_fp32(prm));
+    if (pr != Precision::TF32) cpu::round_(y, rounding_of(pr));
+    return;
+  }
   const Geometry g = geometry(x, w, prm);
   DPT_ASSERT(y.shape() == Shape({g.N, g.Cout, g.Ho, g.Wo}), "conv2d: bad output shape ",
              shape_str(y.shape()));
@@ -155,9 +164,16 @@ void conv2d_backward(const Tensor& dy, const Tensor& x, const Tensor& w, Tensor*
                      const Conv2dParams& prm) {
   check_f32_cpu(dy, "conv2d dy");
   check_f32_cpu(dw, "conv2d dw");
-  if (prm.tf32)
-    return cpu::conv2d_backward(tf32_copy(dy), tf32_copy(x), tf32_copy(w), dx, dw,
-                                without_tf32(prm));
+  if (const Precision pr = prm.precision; pr != Precision::FP32) {
+    Tensor g = Tensor::zeros(dw.shape());  // this call's contribution, rounded before it is added
+    cpu::conv2d_backward(operand(dy, pr), operand(x, pr), operand(w, pr), dx, g, in_fp32(prm));
+    if (pr != Precision::TF32) {
+      if (dx) cpu::round_(*dx, rounding_of(pr));
+      cpu::round_(g, rounding_of(pr));
+    }
+    cpu::add_(dw, g);
+    return;
+  }
   const Geometry g = geometry(x, w, prm);
   DPT_ASSERT(dy.shape() == Shape({g.N, g.Cout, g.Ho, g.Wo}) && dw.shape() == w.shape(),
              "conv2d backward: bad shapes");

@@ -3,6 +3,8 @@
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 
+#include <type_traits>
+
 #include "kernels/amp.h"
 #include "kernels/cuda/common.h"
 
@@ -17,6 +19,28 @@ __global__ void round_kernel(float* x, int64_t n) {
       x[i] = __half2float(__float2half_rn(x[i]));
     else
       x[i] = __bfloat162float(__float2bfloat16_rn(x[i]));
+  }
+}
+
+template <typename Half>
+__global__ void to_half_kernel(const float* s, Half* d, int64_t n) {
+  for (int64_t i = int64_t(blockIdx.x) * blockDim.x + threadIdx.x; i < n;
+       i += int64_t(gridDim.x) * blockDim.x) {
+    if constexpr (std::is_same_v<Half, __half>)
+      d[i] = __float2half_rn(s[i]);
+    else
+      d[i] = __float2bfloat16_rn(s[i]);
+  }
+}
+
+template <typename Half>
+__global__ void from_half_kernel(const Half* s, float* d, int64_t n) {
+  for (int64_t i = int64_t(blockIdx.x) * blockDim.x + threadIdx.x; i < n;
+       i += int64_t(gridDim.x) * blockDim.x) {
+    if constexpr (std::is_same_v<Half, __half>)
+      d[i] = __half2float(s[i]);
+    else
+      d[i] = __bfloat162float(s[i]);
   }
 }
 
@@ -43,6 +67,31 @@ void round_(Tensor& x, DType t) {
   else
     round_kernel<false><<<blocks_for(n), kThreads, 0, cudaStreamPerThread>>>(x.data<float>(), n);
   check_launch("round_");
+}
+
+void cast(const Tensor& src, Tensor& dst) {
+  DPT_ASSERT(src.shape() == dst.shape() && src.device() == dst.device() && src.device().is_cuda(),
+             "cast: shapes or devices differ");
+  const int64_t n = src.numel();
+  if (n == 0) return;
+  DPT_CUDA(cudaSetDevice(src.device().index));
+  const unsigned blocks = blocks_for(n);
+  const DType from = src.dtype(), to = dst.dtype();
+  if (from == DType::F32 && to == DType::F16)
+    to_half_kernel<<<blocks, kThreads, 0, cudaStreamPerThread>>>(
+        static_cast<const float*>(src.raw()), static_cast<__half*>(dst.raw()), n);
+  else if (from == DType::F32 && to == DType::BF16)
+    to_half_kernel<<<blocks, kThreads, 0, cudaStreamPerThread>>>(
+        static_cast<const float*>(src.raw()), static_cast<__nv_bfloat16*>(dst.raw()), n);
+  else if (from == DType::F16 && to == DType::F32)
+    from_half_kernel<<<blocks, kThreads, 0, cudaStreamPerThread>>>(
+        static_cast<const __half*>(src.raw()), static_cast<float*>(dst.raw()), n);
+  else if (from == DType::BF16 && to == DType::F32)
+    from_half_kernel<<<blocks, kThreads, 0, cudaStreamPerThread>>>(
+        static_cast<const __nv_bfloat16*>(src.raw()), static_cast<float*>(dst.raw()), n);
+  else
+    DPT_ASSERT(false, "cast from ", dtype_name(from), " to ", dtype_name(to));
+  check_launch("cast");
 }
 
 bool scale_check_(const std::vector<Tensor*>& ts, float factor) {

@@ -1,7 +1,9 @@
 // CUDA convolution on cuDNN (math in kernels/conv.h): forward, backward-data (dx overwritten,
-// skipped when null) and backward-filter (dw accumulated: beta = 1). fp32 with FMA math (no
-// TF32), comparable with the CPU engine, unless p.tf32 lets cuDNN use tensor cores (its default
-// math: TF32 on Ampere and later). The descriptors and the algorithm of each shape and math are
+// skipped when null) and backward-filter (dw accumulated). The precision (kernels/conv.h) picks
+// cuDNN's math: FP32 its FMA math (no TF32), comparable with the CPU engine; TF32 its default
+// math (tensor cores on Ampere and later); FP16 and BF16 tensor-core math on 16-bit copies of the
+// operands with float32 sums (cuDNN's pseudo-half configurations), their 16-bit outputs cast
+// back to float32 (dw: added). The descriptors and the algorithm of each shape and math are
 // made once (the algorithm by cuDNN's heuristics: the fastest that fits the workspace limit) and
 // cached per thread; the workspace is a per-thread, per-device buffer that grows as needed.
 #include <array>
@@ -11,6 +13,7 @@
 
 #include "kernels/conv.h"
 #include "kernels/cuda/common.h"
+#include "kernels/elementwise.h"
 
 namespace dpt::cuda {
 namespace {
@@ -26,15 +29,21 @@ struct Descriptors {
     DPT_CUDNN(cudnnCreateTensorDescriptor(&y));
     DPT_CUDNN(cudnnCreateFilterDescriptor(&w));
     DPT_CUDNN(cudnnCreateConvolutionDescriptor(&conv));
-    DPT_CUDNN(cudnnSetTensor4dDescriptor(x, CUDNN_TENSOR_NCHW, CUDNN_DATA_FLOAT, int(xt.dim(0)),
-                                         int(xt.dim(1)), int(xt.dim(2)), int(xt.dim(3))));
-    DPT_CUDNN(cudnnSetTensor4dDescriptor(y, CUDNN_TENSOR_NCHW, CUDNN_DATA_FLOAT, int(yt.dim(0)),
-                                         int(yt.dim(1)), int(yt.dim(2)), int(yt.dim(3))));
-    DPT_CUDNN(cudnnSetFilter4dDescriptor(w, CUDNN_DATA_FLOAT, CUDNN_TENSOR_NCHW, int(wt.dim(0)),
-                                         int(wt.dim(1)), int(wt.dim(2)), int(wt.dim(3))));
+    const cudnnDataType_t t = p.precision == Precision::FP16   ? CUDNN_DATA_HALF
+                              : p.precision == Precision::BF16 ? CUDNN_DATA_BFLOAT16
+                                                               : CUDNN_DATA_FLOAT;
+    DPT_CUDNN(cudnnSetTensor4dDescriptor(x, CUDNN_TENSOR_NCHW, t, int(xt.dim(0)), int(xt.dim(1)),
+                                         int(xt.dim(2)), int(xt.dim(3))));
+    DPT_CUDNN(cudnnSetTensor4dDescriptor(y, CUDNN_TENSOR_NCHW, t, int(yt.dim(0)), int(yt.dim(1)),
+                                         int(yt.dim(2)), int(yt.dim(3))));
+    DPT_CUDNN(cudnnSetFilter4dDescriptor(w, t, CUDNN_TENSOR_NCHW, int(wt.dim(0)), int(wt.dim(1)),
+                                         int(wt.dim(2)), int(wt.dim(3))));
     DPT_CUDNN(cudnnSetConvolution2dDescriptor(conv, p.pad, p.pad, p.stride, p.stride, 1, 1,
                                               CUDNN_CROSS_CORRELATION, CUDNN_DATA_FLOAT));
-    DPT_CUDNN(cudnnSetConvolutionMathType(conv, p.tf32 ? CUDNN_DEFAULT_MATH : CUDNN_FMA_MATH));
+    const cudnnMathType_t math = p.precision == Precision::FP32   ? CUDNN_FMA_MATH
+                                 : p.precision == Precision::TF32 ? CUDNN_DEFAULT_MATH
+                                                                  : CUDNN_TENSOR_OP_MATH;
+    DPT_CUDNN(cudnnSetConvolutionMathType(conv, math));
   }
   ~Descriptors() {
     cudnnDestroyTensorDescriptor(x);
@@ -46,11 +55,16 @@ struct Descriptors {
   Descriptors& operator=(const Descriptors&) = delete;
 };
 
-// Shape key: device, N, C, H, W, K, R, S, stride, pad, tf32.
+// Shape key: device, N, C, H, W, K, R, S, stride, pad, precision.
 using Key = std::array<int64_t, 11>;
 Key key_of(const Tensor& x, const Tensor& w, const Conv2dParams& p) {
-  return {x.device().index, x.dim(0), x.dim(1), x.dim(2), x.dim(3), w.dim(0),
-          w.dim(2),         w.dim(3), p.stride, p.pad,    p.tf32};
+  return {x.device().index, x.dim(0), x.dim(1), x.dim(2), x.dim(3),        w.dim(0),
+          w.dim(2),         w.dim(3), p.stride, p.pad,    int(p.precision)};
+}
+
+// The 16-bit format of the cuDNN operands: F16, BF16, or F32 (the float32 tensors themselves).
+DType operands_of(const Conv2dParams& p) {
+  return rounding_of(p.precision);
 }
 
 // The algorithm of each direction, chosen when first needed (the stem never needs
@@ -69,7 +83,9 @@ const Perf& pick(const std::vector<Perf>& perf, int n, const char* what) {
   for (int i = 0; i < n; ++i)
     if (perf[size_t(i)].status == CUDNN_STATUS_SUCCESS && perf[size_t(i)].memory <= kWorkspaceLimit)
       return perf[size_t(i)];
-  DPT_THROW(DeviceError, "cuDNN offers no ", what, " algorithm for this convolution");
+  DPT_THROW(
+      DeviceError, "cuDNN offers no ", what,
+      " algorithm for this convolution in this precision (bf16 needs an Ampere or later GPU)");
 }
 
 // This thread's descriptors and algorithms for the convolution of x by w into y.
@@ -139,9 +155,17 @@ void conv2d_forward(const Tensor& x, const Tensor& w, Tensor& y, const Conv2dPar
   Algos& a = plan.a;
   choose_fwd(h.cudnn, d, a);
   const float one = 1.0f, zero = 0.0f;
-  DPT_CUDNN(cudnnConvolutionForward(h.cudnn, &one, d.x, x.raw(), d.w, w.raw(), d.conv, a.fwd,
-                                    workspace(x.device().index, a.fwd_ws), a.fwd_ws, &zero, d.y,
-                                    y.raw()));
+  const DType half = operands_of(p);
+  auto run = [&](const void* xp, const void* wp, void* yp) {
+    DPT_CUDNN(cudnnConvolutionForward(h.cudnn, &one, d.x, xp, d.w, wp, d.conv, a.fwd,
+                                      workspace(x.device().index, a.fwd_ws), a.fwd_ws, &zero, d.y,
+                                      yp));
+  };
+  if (half == DType::F32) return run(x.raw(), w.raw(), y.raw());
+  const Tensor xh = dpt::cast_to(x, half), wh = dpt::cast_to(w, half);
+  Tensor yh(y.shape(), half, y.device());
+  run(xh.raw(), wh.raw(), yh.raw());
+  cuda::cast(yh, y);
 }
 
 void conv2d_backward(const Tensor& dy, const Tensor& x, const Tensor& w, Tensor* dx, Tensor& dw,
@@ -154,15 +178,35 @@ void conv2d_backward(const Tensor& dy, const Tensor& x, const Tensor& w, Tensor*
   Algos& a = plan.a;
   const float one = 1.0f, zero = 0.0f;
   const int dev = x.device().index;
+  const DType half = operands_of(p);
+  // 16-bit operands: copies of dy, x and w; dw's part is made in 16 bits, then added.
+  Tensor dyh, xh, wh, dwh;
+  if (half != DType::F32) {
+    dyh = dpt::cast_to(dy, half);
+    xh = dpt::cast_to(x, half);
+    wh = dpt::cast_to(w, half);
+    dwh = Tensor(dw.shape(), half, dw.device());
+  }
+  const void* dyp = half == DType::F32 ? dy.raw() : dyh.raw();
   choose_filter(h.cudnn, d, a);
-  DPT_CUDNN(cudnnConvolutionBackwardFilter(h.cudnn, &one, d.x, x.raw(), d.y, dy.raw(), d.conv,
-                                           a.bwd_filter, workspace(dev, a.filter_ws), a.filter_ws,
-                                           &one, d.w, dw.raw()));
+  DPT_CUDNN(cudnnConvolutionBackwardFilter(
+      h.cudnn, &one, d.x, half == DType::F32 ? x.raw() : xh.raw(), d.y, dyp, d.conv, a.bwd_filter,
+      workspace(dev, a.filter_ws), a.filter_ws, half == DType::F32 ? &one : &zero, d.w,
+      half == DType::F32 ? dw.raw() : dwh.raw()));
+  if (half != DType::F32) {
+    Tensor part(dw.shape(), DType::F32, dw.device());
+    cuda::cast(dwh, part);
+    cuda::add_(dw, part);
+  }
   if (!dx) return;
   choose_data(h.cudnn, d, a);
-  DPT_CUDNN(cudnnConvolutionBackwardData(h.cudnn, &one, d.w, w.raw(), d.y, dy.raw(), d.conv,
+  Tensor dxh;
+  if (half != DType::F32) dxh = Tensor(dx->shape(), half, dx->device());
+  DPT_CUDNN(cudnnConvolutionBackwardData(h.cudnn, &one, d.w,
+                                         half == DType::F32 ? w.raw() : wh.raw(), d.y, dyp, d.conv,
                                          a.bwd_data, workspace(dev, a.data_ws), a.data_ws, &zero,
-                                         d.x, dx->raw()));
+                                         d.x, half == DType::F32 ? dx->raw() : dxh.raw()));
+  if (half != DType::F32) cuda::cast(dxh, *dx);
 }
 
 }  // namespace dpt::cuda
