@@ -85,8 +85,9 @@ def main():
                          f"{r['images_per_second'] / theirs['images_per_second']:.2f}x |")
     note = (f"{args.model}, batch {args.batch}, 224x224, {args.steps} timed steps after 3; {gpu}; "
             f"PyTorch {torch.__version__} (fp16/bf16: autocast + channels_last, GradScaler for "
-            f"fp16). dptrain's fp16/bf16 are its numerics only (16-bit rounding over fp32 "
-            f"storage and math), not yet its speed. Peak memory over the timed steps, from each "
+            f"fp16). dptrain's fp16/bf16 run the convolutions on tensor cores (16-bit copies, "
+            f"float32 sums) over fp32 activation storage, NCHW; tf32 switches cuDNN to its "
+            f"tensor-core math for float32. Peak memory over the timed steps, from each "
             f"side's caching allocator: allocated = in tensors (PyTorch's max_memory_allocated), "
             f"reserved = held from the driver (max_memory_reserved). Ours with cuDNN workspaces "
             f"and handles (cudaMemGetInfo less the CUDA context, warm-up): " +
