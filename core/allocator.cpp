@@ -1,6 +1,7 @@
 #include "core/allocator.h"
 
 #include <algorithm>
+#include <atomic>
 #include <vector>
 
 #include "core/cuda_check.h"
@@ -19,15 +20,21 @@ size_t CachingAllocator::round_size(size_t bytes) {
   return (bytes + kLarge - 1) / kLarge * kLarge;
 }
 
+uint64_t CachingAllocator::this_thread_token() {
+  static std::atomic<uint64_t> next{1};
+  thread_local const uint64_t token = next++;
+  return token;
+}
+
 void* CachingAllocator::take_cached(int device, size_t size) {
-  auto pool = cached_.find({device, std::this_thread::get_id()});
+  auto pool = cached_.find({device, this_thread_token()});
   if (pool == cached_.end()) return nullptr;
   auto it = pool->second.lower_bound(size);
   if (it == pool->second.end() || it->first > 2 * size) return nullptr;
   void* p = it->second;
   const size_t got = it->first;
   pool->second.erase(it);
-  live_[p] = {got, device, std::this_thread::get_id()};
+  live_[p] = {got, device, this_thread_token()};
   AllocatorStats& s = stats_[device];
   s.in_use += int64_t(got);
   s.peak_in_use = std::max(s.peak_in_use, s.in_use);
@@ -35,7 +42,7 @@ void* CachingAllocator::take_cached(int device, size_t size) {
 }
 
 void CachingAllocator::count_new(int device, void* p, size_t size) {
-  live_[p] = {size, device, std::this_thread::get_id()};
+  live_[p] = {size, device, this_thread_token()};
   AllocatorStats& s = stats_[device];
   s.in_use += int64_t(size);
   s.reserved += int64_t(size);
@@ -76,14 +83,8 @@ void CachingAllocator::deallocate(int device, void* p) {
   const Block b = it->second;
   live_.erase(it);
   stats_[device].in_use -= int64_t(b.size);
-  if (b.owner == std::thread::id()) {  // its thread has ended: back to the backend
-    stats_[device].reserved -= int64_t(b.size);
-    ++stats_[device].backend_frees;
-    lock.unlock();
-    backend_.free(device, p);
-    return;
-  }
-  if (b.owner != std::this_thread::get_id()) {
+  if (ended_.count(b.owner)) return give_back(lock, device, p, b.size);
+  if (b.owner != this_thread_token()) {
     lock.unlock();
     try {
       backend_.sync_thread(device);  // this thread's work on the block is done before reuse
@@ -91,8 +92,19 @@ void CachingAllocator::deallocate(int device, void* p) {
       return;  // a failed device: the block is not reused (deallocation must not throw)
     }
     lock.lock();
+    if (ended_.count(b.owner)) return give_back(lock, device, p, b.size);  // ended meanwhile
   }
   cached_[{device, b.owner}].emplace(b.size, p);
+}
+
+// A block without a thread to cache it for goes back to the backend (called under the lock,
+// returns without it).
+void CachingAllocator::give_back(std::unique_lock<std::mutex>& lock, int device, void* p,
+                                 size_t size) {
+  stats_[device].reserved -= int64_t(size);
+  ++stats_[device].backend_frees;
+  lock.unlock();
+  backend_.free(device, p);
 }
 
 void CachingAllocator::empty_cache(int device) {
@@ -118,12 +130,11 @@ void CachingAllocator::empty_cache(int device) {
 }
 
 void CachingAllocator::release_thread() noexcept {
-  const std::thread::id me = std::this_thread::get_id();
+  const uint64_t me = this_thread_token();
   std::vector<std::pair<int, void*>> release;
   {
     std::lock_guard<std::mutex> lock(m_);
-    for (auto& [p, b] : live_)
-      if (b.owner == me) b.owner = std::thread::id();  // no cache to go home to any more
+    ended_.insert(me);  // its live blocks, when freed, have no cache to go home to
     for (auto it = cached_.begin(); it != cached_.end();) {
       if (it->first.second != me) {
         ++it;

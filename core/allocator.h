@@ -27,6 +27,7 @@
 #include <string>
 #include <thread>
 #include <unordered_map>
+#include <unordered_set>
 
 namespace dpt {
 
@@ -66,9 +67,13 @@ class CachingAllocator {
   struct Block {
     size_t size;
     int device;
-    std::thread::id owner;
+    uint64_t owner;  // this_thread_token() of the allocating thread
   };
-  using PoolKey = std::pair<int, std::thread::id>;
+  using PoolKey = std::pair<int, uint64_t>;
+  // A number for the calling thread, never reused (std::thread::id values are, once a thread
+  // ends).
+  static uint64_t this_thread_token();
+  void give_back(std::unique_lock<std::mutex>& lock, int device, void* p, size_t size);
   void* take_cached(int device, size_t size);
   void count_new(int device, void* p, size_t size);
 
@@ -77,6 +82,7 @@ class CachingAllocator {
   mutable std::mutex m_;
   std::unordered_map<void*, Block> live_;
   std::map<PoolKey, std::multimap<size_t, void*>> cached_;
+  std::unordered_set<uint64_t> ended_;  // threads that called release_thread()
   std::map<int, AllocatorStats> stats_;
 };
 

@@ -30,9 +30,9 @@ export DPTRAIN_BIN="$PWD/gpu-bundle/bin/dptrain"  # for test_cuda's trainer test
   echo '```'
   timeout 60 gpu-bundle/bin/test_nccl 2>&1 | tail -30
   echo '```'
-  echo "## benchmark: ResNet-152 training step, fp32, fp16 and bf16"
+  echo "## benchmark: ResNet-152 training step, fp32, tf32, fp16 and bf16; DataParallel"
   timeout 200 "$py" benchmarks/gpu_step.py --binary gpu-bundle/bin/bench_gpu --model resnet152 \
-    --batch 64 --steps 20 2>&1
+    --batch 64 --steps 15 2>&1
 } 2>&1 | tee "$report"
 status=0
 grep -q "FAILED\|Traceback\|error:" "$report" && status=1

@@ -155,15 +155,15 @@ void conv2d_forward(const Tensor& x, const Tensor& w, Tensor& y, const Conv2dPar
   Algos& a = plan.a;
   choose_fwd(h.cudnn, d, a);
   const float one = 1.0f, zero = 0.0f;
-  const DType half = operands_of(p);
+  const DType fmt = operands_of(p);
   auto run = [&](const void* xp, const void* wp, void* yp) {
     DPT_CUDNN(cudnnConvolutionForward(h.cudnn, &one, d.x, xp, d.w, wp, d.conv, a.fwd,
                                       workspace(x.device().index, a.fwd_ws), a.fwd_ws, &zero, d.y,
                                       yp));
   };
-  if (half == DType::F32) return run(x.raw(), w.raw(), y.raw());
-  const Tensor xh = dpt::cast_to(x, half), wh = dpt::cast_to(w, half);
-  Tensor yh(y.shape(), half, y.device());
+  if (fmt == DType::F32) return run(x.raw(), w.raw(), y.raw());
+  const Tensor xh = dpt::cast_to(x, fmt), wh = dpt::cast_to(w, fmt);
+  Tensor yh(y.shape(), fmt, y.device());
   run(xh.raw(), wh.raw(), yh.raw());
   cuda::cast(yh, y);
 }
@@ -178,22 +178,22 @@ void conv2d_backward(const Tensor& dy, const Tensor& x, const Tensor& w, Tensor*
   Algos& a = plan.a;
   const float one = 1.0f, zero = 0.0f;
   const int dev = x.device().index;
-  const DType half = operands_of(p);
+  const DType fmt = operands_of(p);
   // 16-bit operands: copies of dy, x and w; dw's part is made in 16 bits, then added.
   Tensor dyh, xh, wh, dwh;
-  if (half != DType::F32) {
-    dyh = dpt::cast_to(dy, half);
-    xh = dpt::cast_to(x, half);
-    wh = dpt::cast_to(w, half);
-    dwh = Tensor(dw.shape(), half, dw.device());
+  if (fmt != DType::F32) {
+    dyh = dpt::cast_to(dy, fmt);
+    xh = dpt::cast_to(x, fmt);
+    wh = dpt::cast_to(w, fmt);
+    dwh = Tensor(dw.shape(), fmt, dw.device());
   }
-  const void* dyp = half == DType::F32 ? dy.raw() : dyh.raw();
+  const void* dyp = fmt == DType::F32 ? dy.raw() : dyh.raw();
   choose_filter(h.cudnn, d, a);
   DPT_CUDNN(cudnnConvolutionBackwardFilter(
-      h.cudnn, &one, d.x, half == DType::F32 ? x.raw() : xh.raw(), d.y, dyp, d.conv, a.bwd_filter,
-      workspace(dev, a.filter_ws), a.filter_ws, half == DType::F32 ? &one : &zero, d.w,
-      half == DType::F32 ? dw.raw() : dwh.raw()));
-  if (half != DType::F32) {
+      h.cudnn, &one, d.x, fmt == DType::F32 ? x.raw() : xh.raw(), d.y, dyp, d.conv, a.bwd_filter,
+      workspace(dev, a.filter_ws), a.filter_ws, fmt == DType::F32 ? &one : &zero, d.w,
+      fmt == DType::F32 ? dw.raw() : dwh.raw()));
+  if (fmt != DType::F32) {
     Tensor part(dw.shape(), DType::F32, dw.device());
     cuda::cast(dwh, part);
     cuda::add_(dw, part);
@@ -201,12 +201,11 @@ void conv2d_backward(const Tensor& dy, const Tensor& x, const Tensor& w, Tensor*
   if (!dx) return;
   choose_data(h.cudnn, d, a);
   Tensor dxh;
-  if (half != DType::F32) dxh = Tensor(dx->shape(), half, dx->device());
-  DPT_CUDNN(cudnnConvolutionBackwardData(h.cudnn, &one, d.w,
-                                         half == DType::F32 ? w.raw() : wh.raw(), d.y, dyp, d.conv,
-                                         a.bwd_data, workspace(dev, a.data_ws), a.data_ws, &zero,
-                                         d.x, half == DType::F32 ? dx->raw() : dxh.raw()));
-  if (half != DType::F32) cuda::cast(dxh, *dx);
+  if (fmt != DType::F32) dxh = Tensor(dx->shape(), fmt, dx->device());
+  DPT_CUDNN(cudnnConvolutionBackwardData(
+      h.cudnn, &one, d.w, fmt == DType::F32 ? w.raw() : wh.raw(), d.y, dyp, d.conv, a.bwd_data,
+      workspace(dev, a.data_ws), a.data_ws, &zero, d.x, fmt == DType::F32 ? dx->raw() : dxh.raw()));
+  if (fmt != DType::F32) cuda::cast(dxh, *dx);
 }
 
 }  // namespace dpt::cuda
