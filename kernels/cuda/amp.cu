@@ -3,8 +3,6 @@
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 
-#include <type_traits>
-
 #include "kernels/amp.h"
 #include "kernels/cuda/common.h"
 
@@ -22,26 +20,25 @@ __global__ void round_kernel(float* x, int64_t n) {
   }
 }
 
-template <typename Half>
-__global__ void to_half_kernel(const float* s, Half* d, int64_t n) {
-  for (int64_t i = int64_t(blockIdx.x) * blockDim.x + threadIdx.x; i < n;
-       i += int64_t(gridDim.x) * blockDim.x) {
-    if constexpr (std::is_same_v<Half, __half>)
-      d[i] = __float2half_rn(s[i]);
-    else
-      d[i] = __float2bfloat16_rn(s[i]);
-  }
+// dst = src, converted between float32 and a 16-bit format (to nearest even).
+__device__ inline void convert(float v, __half& d) {
+  d = __float2half_rn(v);
+}
+__device__ inline void convert(float v, __nv_bfloat16& d) {
+  d = __float2bfloat16_rn(v);
+}
+__device__ inline void convert(__half v, float& d) {
+  d = __half2float(v);
+}
+__device__ inline void convert(__nv_bfloat16 v, float& d) {
+  d = __bfloat162float(v);
 }
 
-template <typename Half>
-__global__ void from_half_kernel(const Half* s, float* d, int64_t n) {
+template <typename From, typename To>
+__global__ void cast_kernel(const From* s, To* d, int64_t n) {
   for (int64_t i = int64_t(blockIdx.x) * blockDim.x + threadIdx.x; i < n;
-       i += int64_t(gridDim.x) * blockDim.x) {
-    if constexpr (std::is_same_v<Half, __half>)
-      d[i] = __half2float(s[i]);
-    else
-      d[i] = __bfloat162float(s[i]);
-  }
+       i += int64_t(gridDim.x) * blockDim.x)
+    convert(s[i], d[i]);
 }
 
 __global__ void scale_check_kernel(float* x, int64_t n, float factor, int* found) {
@@ -78,16 +75,16 @@ void cast(const Tensor& src, Tensor& dst) {
   const unsigned blocks = blocks_for(n);
   const DType from = src.dtype(), to = dst.dtype();
   if (from == DType::F32 && to == DType::F16)
-    to_half_kernel<<<blocks, kThreads, 0, cudaStreamPerThread>>>(
-        static_cast<const float*>(src.raw()), static_cast<__half*>(dst.raw()), n);
+    cast_kernel<<<blocks, kThreads, 0, cudaStreamPerThread>>>(static_cast<const float*>(src.raw()),
+                                                              static_cast<__half*>(dst.raw()), n);
   else if (from == DType::F32 && to == DType::BF16)
-    to_half_kernel<<<blocks, kThreads, 0, cudaStreamPerThread>>>(
+    cast_kernel<<<blocks, kThreads, 0, cudaStreamPerThread>>>(
         static_cast<const float*>(src.raw()), static_cast<__nv_bfloat16*>(dst.raw()), n);
   else if (from == DType::F16 && to == DType::F32)
-    from_half_kernel<<<blocks, kThreads, 0, cudaStreamPerThread>>>(
-        static_cast<const __half*>(src.raw()), static_cast<float*>(dst.raw()), n);
+    cast_kernel<<<blocks, kThreads, 0, cudaStreamPerThread>>>(static_cast<const __half*>(src.raw()),
+                                                              static_cast<float*>(dst.raw()), n);
   else if (from == DType::BF16 && to == DType::F32)
-    from_half_kernel<<<blocks, kThreads, 0, cudaStreamPerThread>>>(
+    cast_kernel<<<blocks, kThreads, 0, cudaStreamPerThread>>>(
         static_cast<const __nv_bfloat16*>(src.raw()), static_cast<float*>(dst.raw()), n);
   else
     DPT_ASSERT(false, "cast from ", dtype_name(from), " to ", dtype_name(to));
