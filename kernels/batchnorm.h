@@ -7,9 +7,15 @@
 //              (PyTorch's rule; batches is num_batches_tracked, an int64 scalar)
 //   backward:  with xhat = (x - mean) * invstd, sum_dy = sum dy, sum_dy_xhat = sum dy * xhat,
 //              dx = gamma * invstd * (dy - (sum_dy + xhat * sum_dy_xhat) / M)
+//   combine:   all holds k rows of 2C values, row r the mean then the biased var of counts[r]
+//              values per channel; mean and var become those of the union of the k sets
+//              (SyncBatchNorm; computed in double: sum n_r m_r / N, sum n_r (v_r + m_r^2) / N -
+//              mean^2)
 // Outputs are overwritten; dgamma (+= sum_dy_xhat) and dbeta (+= sum_dy) are accumulated by the
 // module, not here.
 #pragma once
+
+#include <vector>
 
 #include "core/tensor.h"
 #include "kernels/dispatch.h"
@@ -17,19 +23,21 @@
 namespace dpt {
 
 // Declared once, for the CPU engine and for the CUDA backend.
-#define DPT_BATCHNORM_KERNELS                                                                \
-  void batchnorm_stats(const Tensor& x, Tensor& mean, Tensor& var);                          \
-  void batchnorm_forward(const Tensor& x, const Tensor& mean, const Tensor& var,             \
-                         const Tensor& gamma, const Tensor& beta, float eps, Tensor& y);     \
-  void batchnorm_update_running(Tensor& running_mean, Tensor& running_var, Tensor& batches,  \
-                                const Tensor& mean, const Tensor& var, int64_t count,        \
-                                float momentum);                                             \
-  void batchnorm_backward_reduce(const Tensor& dy, const Tensor& x, const Tensor& mean,      \
-                                 const Tensor& var, float eps, Tensor& sum_dy,               \
-                                 Tensor& sum_dy_xhat);                                       \
-  void batchnorm_backward_data(const Tensor& dy, const Tensor& x, const Tensor& mean,        \
-                               const Tensor& var, const Tensor& gamma, const Tensor& sum_dy, \
-                               const Tensor& sum_dy_xhat, float eps, int64_t count, Tensor& dx);
+#define DPT_BATCHNORM_KERNELS                                                                    \
+  void batchnorm_stats(const Tensor& x, Tensor& mean, Tensor& var);                              \
+  void batchnorm_forward(const Tensor& x, const Tensor& mean, const Tensor& var,                 \
+                         const Tensor& gamma, const Tensor& beta, float eps, Tensor& y);         \
+  void batchnorm_update_running(Tensor& running_mean, Tensor& running_var, Tensor& batches,      \
+                                const Tensor& mean, const Tensor& var, int64_t count,            \
+                                float momentum);                                                 \
+  void batchnorm_backward_reduce(const Tensor& dy, const Tensor& x, const Tensor& mean,          \
+                                 const Tensor& var, float eps, Tensor& sum_dy,                   \
+                                 Tensor& sum_dy_xhat);                                           \
+  void batchnorm_backward_data(const Tensor& dy, const Tensor& x, const Tensor& mean,            \
+                               const Tensor& var, const Tensor& gamma, const Tensor& sum_dy,     \
+                               const Tensor& sum_dy_xhat, float eps, int64_t count, Tensor& dx); \
+  void batchnorm_combine_stats(const Tensor& all, const std::vector<int64_t>& counts,            \
+                               Tensor& mean, Tensor& var);
 namespace cpu {
 DPT_BATCHNORM_KERNELS
 }  // namespace cpu
@@ -62,6 +70,11 @@ inline void batchnorm_backward_data(const Tensor& dy, const Tensor& x, const Ten
                                     Tensor& dx) {
   DPT_ON_DEVICE(x.device(), batchnorm_backward_data, dy, x, mean, var, gamma, sum_dy, sum_dy_xhat,
                 eps, count, dx);
+}
+
+inline void batchnorm_combine_stats(const Tensor& all, const std::vector<int64_t>& counts,
+                                    Tensor& mean, Tensor& var) {
+  DPT_ON_DEVICE(mean.device(), batchnorm_combine_stats, all, counts, mean, var);
 }
 
 }  // namespace dpt

@@ -9,6 +9,7 @@
 #include <mutex>
 #include <thread>
 
+#include "kernels/batchnorm.h"
 #include "models/layers.h"
 #include "parallel/reducer.h"
 
@@ -55,8 +56,10 @@ Tensor cat_rows(const std::vector<Tensor>& parts, const Device& dev) {
 
 }  // namespace
 
-// SyncBatchNorm: the replicas taking part in a step exchange (mean, var, count) per channel and
-// combine them exactly (in double); backward sums the per-channel gradient sums.
+// SyncBatchNorm: the replicas taking part in a step exchange their per-channel (mean, var) and
+// combine them exactly (batchnorm_combine_stats, in double; each replica's count follows from the
+// chunk sizes); backward sums the per-channel gradient sums. Everything stays on the replica's
+// device: on a GPU no value goes through the host.
 class SyncBatchNormHook : public BatchNormSync {
  public:
   SyncBatchNormHook(DataParallel& dp, int rank, Device device)
@@ -64,51 +67,27 @@ class SyncBatchNormHook : public BatchNormSync {
 
   void reduce_stats(Tensor& mean, Tensor& var, int64_t& count) override {
     const int64_t C = mean.numel();
-    const int k = int(dp_.active());
-    std::vector<float> m = mean.to_vector(), v = var.to_vector();
-    Tensor mine({2 * C + 1});
-    float* p = mine.data<float>();
-    std::copy(m.begin(), m.end(), p);
-    std::copy(v.begin(), v.end(), p + C);
-    p[2 * C] = float(count);
-    Tensor all = for_comm(Tensor({k * (2 * C + 1)}), device_);
-    dp_.comm(k).all_gather(rank_, for_comm(std::move(mine), device_), all);
-    const std::vector<float> gathered = all.to_vector();
-    const float* a = gathered.data();
-    double total = 0;
-    for (int r = 0; r < k; ++r) total += a[r * (2 * C + 1) + 2 * C];
-    Tensor gm({C}), gv({C});
-    for (int64_t c = 0; c < C; ++c) {
-      double mu = 0, sq = 0;
-      for (int r = 0; r < k; ++r) {
-        const float* q = a + r * (2 * C + 1);
-        const double n = q[2 * C];
-        mu += n * q[c];
-        sq += n * (double(q[C + c]) + double(q[c]) * q[c]);
-      }
-      mu /= total;
-      gm.data<float>()[c] = float(mu);
-      gv.data<float>()[c] = float(std::max(0.0, sq / total - mu * mu));
-    }
-    mean.copy_from(gm);
-    var.copy_from(gv);
-    count = int64_t(total);
+    const int k = dp_.active();
+    const std::vector<int64_t>& rows = dp_.last_chunk_sizes();
+    const int64_t per_row = count / rows[size_t(rank_)];  // H*W, the same on every replica
+    std::vector<int64_t> counts(static_cast<size_t>(k));
+    count = 0;
+    for (int r = 0; r < k; ++r) count += counts[size_t(r)] = rows[size_t(r)] * per_row;
+    Tensor mine({2 * C}, DType::F32, device_), all({k * 2 * C}, DType::F32, device_);
+    mine.view(0, {C}).copy_from(mean);
+    mine.view(C, {C}).copy_from(var);
+    dp_.comm(k).all_gather(rank_, mine, all);
+    batchnorm_combine_stats(all, counts, mean, var);
   }
 
   void reduce_grad_sums(Tensor& sum_dy, Tensor& sum_dy_xhat) override {
     const int64_t C = sum_dy.numel();
-    std::vector<float> a = sum_dy.to_vector(), b = sum_dy_xhat.to_vector();
-    Tensor buf({2 * C});
-    std::copy(a.begin(), a.end(), buf.data<float>());
-    std::copy(b.begin(), b.end(), buf.data<float>() + C);
-    Tensor sums = for_comm(std::move(buf), device_);
-    dp_.comm(int(dp_.active())).all_reduce_sum(rank_, sums);
-    const std::vector<float> summed = sums.to_vector();
-    Tensor head({C}), tail({C});
-    std::copy(summed.begin(), summed.begin() + C, head.data<float>());
-    std::copy(summed.begin() + C, summed.end(), tail.data<float>());
-    sum_dy.copy_from(head);
-    sum_dy_xhat.copy_from(tail);
+    Tensor both({2 * C}, DType::F32, device_);
+    both.view(0, {C}).copy_from(sum_dy);
+    both.view(C, {C}).copy_from(sum_dy_xhat);
+    dp_.comm(dp_.active()).all_reduce_sum(rank_, both);
+    sum_dy.copy_from(both.view(0, {C}));
+    sum_dy_xhat.copy_from(both.view(C, {C}));
   }
 
  private:

@@ -89,6 +89,7 @@ class DataParallel : public Module {
   // the current step: the replicas that received a chunk of the last forward's batch.
   Communicator& comm(int k);
   int active() const { return int(sizes_.size()); }
+  const std::vector<int64_t>& last_chunk_sizes() const { return sizes_; }  // by global rank
   // Gradient buckets of replica(0), each a list of parameter names (without "module.").
   std::vector<std::vector<std::string>> buckets() const;
   // Seconds replica 0 has spent in gradient all-reduces, and the part of them not hidden behind

@@ -158,6 +158,16 @@ TEST(Cuda, BatchNormPieces) {
     batchnorm_backward_data(dy, x, mean, var, gamma, sd, sdx, 1e-5f, count, dx);
     batchnorm_backward_data(gdy, gx, gmean, gvar, ggamma, gsd, gsdx, 1e-5f, count, gdx);
     EXPECT_LT(rel_error(gdx, dx), 1e-5);
+    // SyncBatchNorm's combination of 3 replicas' statistics.
+    const Tensor all = random({3 * 2 * C}, 10, 1.0f);
+    Tensor positive = all.clone();  // variances must not be negative
+    for (int64_t i = 0; i < positive.numel(); ++i)
+      positive.data<float>()[i] = std::fabs(positive.data<float>()[i]);
+    Tensor cm({C}), cv({C}), gcm = out({C}), gcv = out({C});
+    batchnorm_combine_stats(positive, {5, 7, 2}, cm, cv);
+    batchnorm_combine_stats(positive.to(kGpu), {5, 7, 2}, gcm, gcv);
+    EXPECT_LT(rel_error(gcm, cm), 1e-6);
+    EXPECT_LT(rel_error(gcv, cv), 1e-6);
   }
 }
 

@@ -6,6 +6,7 @@
 #include <thread>
 
 #include "core/rng.h"
+#include "kernels/batchnorm.h"
 #include "kernels/loss.h"
 #include "models/arch.h"
 #include "models/layers.h"
@@ -195,6 +196,30 @@ INSTANTIATE_TEST_SUITE_P(
     ::testing::Values(std::make_tuple(2, int64_t(8), 1.0), std::make_tuple(3, int64_t(7), 1.0),
                       std::make_tuple(4, int64_t(10), 0.0), std::make_tuple(4, int64_t(12), 25.0),
                       std::make_tuple(2, int64_t(7), 0.0), std::make_tuple(3, int64_t(9), 25.0)));
+
+// SyncBatchNorm's combination of per-chunk statistics gives the whole batch's (uneven chunks of
+// 3, 3 and 1 rows).
+TEST(DataParallel, CombinedBatchNormStatisticsAreTheWholeBatchs) {
+  Tensor x({7, 3, 4, 4});
+  Rng rng(12);
+  for (int64_t i = 0; i < x.numel(); ++i) x.data<float>()[i] = 2.0f + rng.normal();
+  Tensor mean({3}), var({3});
+  batchnorm_stats(x, mean, var);
+  const std::vector<int64_t> rows = {3, 3, 1};
+  Tensor all({6 * 3}), m({3}), v({3});
+  int64_t at = 0;
+  for (size_t r = 0; r < rows.size(); ++r) {
+    const Tensor chunk = x.view(at * 48, {rows[r], 3, 4, 4});
+    batchnorm_stats(chunk, m, v);
+    all.view(int64_t(r) * 6, {3}).copy_from(m);
+    all.view(int64_t(r) * 6 + 3, {3}).copy_from(v);
+    at += rows[r];
+  }
+  Tensor cm({3}), cv({3});
+  batchnorm_combine_stats(all, {3 * 16, 3 * 16, 16}, cm, cv);
+  EXPECT_LT(relative_error(cm, mean), 1e-6);
+  EXPECT_LT(relative_error(cv, var), 1e-6);
+}
 
 TEST(DataParallel, GradientBucketsFollowBackwardOrder) {
   auto dp = wrap(2, BnMode::Sync, 3, 1.0);

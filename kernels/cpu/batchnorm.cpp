@@ -2,6 +2,7 @@
 // statistics of large batches keep float32 accuracy; channels are spread over threads.
 #include "kernels/batchnorm.h"
 
+#include <algorithm>
 #include <cmath>
 
 #include "kernels/cpu/common.h"
@@ -116,6 +117,29 @@ void batchnorm_backward_data(const Tensor& dy, const Tensor& x, const Tensor& me
       const float a = sd[c] / float(count), b = sdx[c] / float(count), mu = mp[c];
       for (int64_t p = 0; p < d.P; ++p) out[p] = k * (g[p] - a - (xr[p] - mu) * invstd * b);
     }
+  }
+}
+
+void batchnorm_combine_stats(const Tensor& all, const std::vector<int64_t>& counts, Tensor& mean,
+                             Tensor& var) {
+  const int64_t C = mean.numel(), k = int64_t(counts.size());
+  check_f32_cpu(all, "batchnorm_combine_stats all");
+  DPT_ASSERT(all.numel() == 2 * C * k && var.numel() == C, "batchnorm_combine_stats: shapes");
+  const float* a = all.data<float>();
+  float *m = mean.data<float>(), *v = var.data<float>();
+  double total = 0;
+  for (int64_t n : counts) total += double(n);
+  for (int64_t c = 0; c < C; ++c) {
+    double mu = 0, sq = 0;
+    for (int64_t r = 0; r < k; ++r) {
+      const float* q = a + r * 2 * C;
+      const double n = double(counts[size_t(r)]);
+      mu += n * q[c];
+      sq += n * (double(q[C + c]) + double(q[c]) * q[c]);
+    }
+    mu /= total;
+    m[c] = float(mu);
+    v[c] = float(std::max(0.0, sq / total - mu * mu));
   }
 }
 

@@ -1,6 +1,8 @@
 // CUDA batch normalisation pieces (math in kernels/batchnorm.h), mirroring the CPU engine: the
 // per-channel reductions run one block per channel and accumulate in double (two passes for the
 // variance), the elementwise parts one thread per value. Outputs are overwritten.
+#include <algorithm>
+
 #include "kernels/batchnorm.h"
 #include "kernels/cuda/common.h"
 
@@ -163,6 +165,39 @@ void batchnorm_backward_data(const Tensor& dy, const Tensor& x, const Tensor& me
       dy.data<float>(), x.data<float>(), mean.data<float>(), var.data<float>(), gamma.data<float>(),
       sum_dy.data<float>(), sum_dy_xhat.data<float>(), eps, float(count), dx.data<float>(), d);
   check_launch("batchnorm_backward_data");
+}
+
+namespace {
+__global__ void combine(const float* all, const int64_t* counts, int64_t k, int64_t C, float* mean,
+                        float* var) {
+  const int64_t c = int64_t(blockIdx.x) * blockDim.x + threadIdx.x;
+  if (c >= C) return;
+  double total = 0, mu = 0, sq = 0;
+  for (int64_t r = 0; r < k; ++r) {
+    const float* q = all + r * 2 * C;
+    const double n = double(counts[r]);
+    total += n;
+    mu += n * q[c];
+    sq += n * (double(q[C + c]) + double(q[c]) * q[c]);
+  }
+  mu /= total;
+  mean[c] = float(mu);
+  var[c] = float(fmax(0.0, sq / total - mu * mu));
+}
+}  // namespace
+
+void batchnorm_combine_stats(const Tensor& all, const std::vector<int64_t>& counts, Tensor& mean,
+                             Tensor& var) {
+  check_operands("batchnorm_combine_stats", {&mean, &var, &all});
+  const int64_t C = mean.numel(), k = int64_t(counts.size());
+  DPT_ASSERT(all.numel() == 2 * C * k && var.numel() == C, "batchnorm_combine_stats: shapes");
+  Tensor host({k}, DType::I64);
+  std::copy(counts.begin(), counts.end(), host.data<int64_t>());
+  const Tensor n = host.to(mean.device());
+  DPT_CUDA(cudaSetDevice(mean.device().index));
+  combine<<<blocks_for(C), kThreads, 0, cudaStreamPerThread>>>(
+      all.data<float>(), n.data<int64_t>(), k, C, mean.data<float>(), var.data<float>());
+  check_launch("batchnorm_combine_stats");
 }
 
 }  // namespace dpt::cuda
