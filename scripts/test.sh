@@ -14,7 +14,7 @@ echo "== sanitizer run (AddressSanitizer + UndefinedBehaviorSanitizer)"
 cmake -S . -B build-asan -G Ninja -DCMAKE_BUILD_TYPE=Release -DDPTRAIN_SANITIZE=address \
   -DDPTRAIN_CUDA=OFF -DDPTRAIN_BENCHMARKS=OFF >/dev/null
 cmake --build build-asan --target test_interop test_interop_oracle test_fuzz_corpus test_data \
-  test_checkpoint test_images
+  test_checkpoint test_images test_core test_models
 export ASAN_OPTIONS=detect_leaks=1 UBSAN_OPTIONS=print_stacktrace=1:halt_on_error=1
 build-asan/tests/test_interop --gtest_brief=1
 build-asan/tests/test_interop_oracle --gtest_brief=1 \
@@ -24,6 +24,8 @@ build-asan/tests/test_data --gtest_brief=1
 build-asan/tests/test_images --gtest_brief=1 --gtest_filter='-*TrainingResumes*:*Mpi*'
 build-asan/tests/test_checkpoint --gtest_brief=1 \
   --gtest_filter='*RoundTrip*:*Corrupt*:*FailedSaves*:*DiskFull*:*Strictness*:*Streamed*:*Version*'
+build-asan/tests/test_core --gtest_brief=1  # the caching allocator's logic among others
+build-asan/tests/test_models --gtest_brief=1 --gtest_filter='MixedPrecision.*'
 
 echo "== ThreadSanitizer run of the data loader (worker pool, prefetch, sharding)"
 cmake -S . -B build-tsan -G Ninja -DCMAKE_BUILD_TYPE=Release -DDPTRAIN_SANITIZE=thread \
