@@ -65,46 +65,61 @@ def main():
     args = p.parse_args()
     import torch
     gpu = torch.cuda.get_device_name(0)
-    lines = ["| precision | side | img/s | step ms | peak allocated | peak reserved | img/s vs PyTorch |",
-             "|---|---|---|---|---|---|---|"]
-    device_bytes = {}
-    def ours_step(precision, *extra):
-        return json.loads(subprocess.run(
-            [args.binary, args.model, str(args.batch), str(args.steps), precision, *extra],
-            check=True, capture_output=True, text=True).stdout)
+    lines = []
 
-    bare = {}
+    def emit(line):  # printed at once, so that a run cut short by a timeout keeps its rows
+        lines.append(line)
+        print(line, flush=True)
+
+    def ours_step(precision, *extra):
+        r = subprocess.run(
+            [args.binary, args.model, str(args.batch), str(args.steps), precision, *extra],
+            capture_output=True, text=True)
+        if r.returncode != 0:
+            tail = (r.stderr.strip().splitlines() or ["no output"])[-1]
+            emit(f"| {' '.join((precision,) + extra)} | dptrain | error: {tail} | | | | |")
+            return None
+        return json.loads(r.stdout)
+
+    emit("| precision | side | img/s | step ms | peak allocated | peak reserved | img/s vs PyTorch |")
+    emit("|---|---|---|---|---|---|---|")
+    device_bytes, bare = {}, {}
     for precision in ("fp32", "tf32", "fp16", "bf16"):
-        ours = bare[precision] = ours_step(precision)
+        ours = ours_step(precision)
         theirs = torch_step(args.model, args.batch, args.steps, precision)
         torch.cuda.empty_cache()
-        device_bytes[precision] = ours["device_bytes"]
-        for name, r in (("dptrain", ours), ("PyTorch eager", theirs)):
-            lines.append(f"| {precision} | {name} | {r['images_per_second']:.1f} | {r['step_ms']:.1f} | "
-                         f"{r['peak_bytes'] / 2**30:.2f} GiB | {r['peak_reserved_bytes'] / 2**30:.2f} GiB | "
-                         f"{r['images_per_second'] / theirs['images_per_second']:.2f}x |")
-    note = (f"{args.model}, batch {args.batch}, 224x224, {args.steps} timed steps after 3; {gpu}; "
-            f"PyTorch {torch.__version__} (fp16/bf16: autocast + channels_last, GradScaler for "
-            f"fp16). dptrain's fp16/bf16 run the convolutions on tensor cores (16-bit copies, "
-            f"float32 sums) over fp32 activation storage, NCHW; tf32 switches cuDNN to its "
-            f"tensor-core math for float32. Peak memory over the timed steps, from each "
-            f"side's caching allocator: allocated = in tensors (PyTorch's max_memory_allocated), "
-            f"reserved = held from the driver (max_memory_reserved). Ours with cuDNN workspaces "
-            f"and handles (cudaMemGetInfo less the CUDA context, warm-up): " +
-            ", ".join(f"{p} {b / 2**30:.2f} GiB" for p, b in device_bytes.items()) + ".")
+        rows = [("PyTorch eager", theirs)]
+        if ours is not None:
+            bare[precision] = ours
+            device_bytes[precision] = ours["device_bytes"]
+            rows.insert(0, ("dptrain", ours))
+        for name, r in rows:
+            emit(f"| {precision} | {name} | {r['images_per_second']:.1f} | {r['step_ms']:.1f} | "
+                 f"{r['peak_bytes'] / 2**30:.2f} GiB | {r['peak_reserved_bytes'] / 2**30:.2f} GiB | "
+                 f"{r['images_per_second'] / theirs['images_per_second']:.2f}x |")
+    emit("")
+    emit(f"{args.model}, batch {args.batch}, 224x224, {args.steps} timed steps after 3; {gpu}; "
+         f"PyTorch {torch.__version__} (fp16/bf16: autocast + channels_last, GradScaler for "
+         f"fp16). dptrain's fp16/bf16 run the convolutions on tensor cores (16-bit copies, "
+         f"float32 sums) over fp32 activation storage, NCHW; tf32 switches cuDNN to its "
+         f"tensor-core math for float32. Peak memory over the timed steps, from each "
+         f"side's caching allocator: allocated = in tensors (PyTorch's max_memory_allocated), "
+         f"reserved = held from the driver (max_memory_reserved). Ours with cuDNN workspaces "
+         f"and handles (cudaMemGetInfo less the CUDA context, warm-up): " +
+         ", ".join(f"{p} {b / 2**30:.2f} GiB" for p, b in device_bytes.items()) + ".")
+    emit("")
     dp = ours_step("fp32", "dp")
-    comm, exposed = dp["communication_ms"], dp["exposed_communication_ms"]
-    dp_line = (f"DataParallel on {dp['replicas']} GPU(s) through NCCL, fp32, batch {args.batch}: "
-               f"step {dp['step_ms']:.1f} ms against {bare['fp32']['step_ms']:.1f} ms bare "
-               f"(overhead {100 * (dp['step_ms'] / bare['fp32']['step_ms'] - 1):+.1f}%); gradient "
-               f"all-reduce {comm:.2f} ms per step, {exposed:.2f} ms of it exposed "
-               f"({100 * (1 - exposed / comm) if comm > 0 else 0:.0f}% hidden behind backward); "
-               f"peak allocated {dp['peak_bytes'] / 2**30:.2f} GiB on cuda:0.")
-    text = "\n".join(lines) + "\n\n" + note + "\n\n" + dp_line + "\n"
-    print(text)
+    if dp is not None and "fp32" in bare:
+        comm, exposed = dp["communication_ms"], dp["exposed_communication_ms"]
+        emit(f"DataParallel on {dp['replicas']} GPU(s) through NCCL, fp32, batch {args.batch}: "
+             f"step {dp['step_ms']:.1f} ms against {bare['fp32']['step_ms']:.1f} ms bare "
+             f"(overhead {100 * (dp['step_ms'] / bare['fp32']['step_ms'] - 1):+.1f}%); gradient "
+             f"all-reduce {comm:.2f} ms per step, {exposed:.2f} ms of it exposed "
+             f"({100 * (1 - exposed / comm) if comm > 0 else 0:.0f}% hidden behind backward); "
+             f"peak allocated {dp['peak_bytes'] / 2**30:.2f} GiB on cuda:0.")
     if args.markdown:
         with open(args.markdown, "w") as f:
-            f.write(text)
+            f.write("\n".join(lines) + "\n")
     return 0
 
 

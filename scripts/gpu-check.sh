@@ -5,8 +5,9 @@
 # against the CPU engine, the trainer on one GPU against the CPU with checkpoints and resume;
 # test_nccl) and the one-GPU benchmark against PyTorch from gpu-bundle/
 # (made beforehand by scripts/gpu-bundle.sh on a Debian machine), and writes one report,
-# $OUT/gpu-report.md (or ./gpu-report.md). At most 8 minutes (timeouts 200 + 60 + 200 s after
-# the test binaries start; expected about 5).
+# $OUT/gpu-report.md (or ./gpu-report.md). At most 8 minutes (timeouts 200 + 60 + 180 + 45 s
+# after the test binaries start; expected about 5). The benchmark prints its rows as it goes, so
+# a timeout keeps the ones measured.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 [ -x gpu-bundle/bin/test_cuda ] || { echo "gpu-check: gpu-bundle/ is missing: run scripts/gpu-bundle.sh first"; exit 1; }
@@ -31,8 +32,15 @@ export DPTRAIN_BIN="$PWD/gpu-bundle/bin/dptrain"  # for test_cuda's trainer test
   timeout 60 gpu-bundle/bin/test_nccl 2>&1 | tail -30
   echo '```'
   echo "## benchmark: ResNet-152 training step, fp32, tf32, fp16 and bf16; DataParallel"
-  timeout 200 "$py" benchmarks/gpu_step.py --binary gpu-bundle/bin/bench_gpu --model resnet152 \
+  timeout 180 "$py" benchmarks/gpu_step.py --binary gpu-bundle/bin/bench_gpu --model resnet152 \
     --batch 64 --steps 15 2>&1
+  echo
+  echo "## the whole trainer on cuda:0: loader (8 workers, pinned batches) + fp16 steps"
+  echo '```'
+  timeout 45 "$DPTRAIN_BIN" train --model resnet152 --stem imagenet --data synthetic \
+    --synthetic-size 1920 --image-size 224 --batch-size 64 --max-steps 30 --workers 8 \
+    --devices cuda:0 --precision fp16 --json 2>&1 | tail -2
+  echo '```'
 } 2>&1 | tee "$report"
 status=0
 grep -q "FAILED\|Traceback\|error:" "$report" && status=1
