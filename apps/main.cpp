@@ -388,6 +388,10 @@ int run(int argc, char** argv, const dpt::MpiRuntime* mpi) {
       j["exposed_communication_seconds"] = r.exposed_communication_seconds;
       j["gradient_buckets"] = r.gradient_buckets;
     }
+    if (r.peak_gpu_reserved_bytes > 0) {
+      j["peak_gpu_bytes"] = r.peak_gpu_bytes;
+      j["peak_gpu_reserved_bytes"] = r.peak_gpu_reserved_bytes;
+    }
     if (!r.init_note.empty()) j["init_from"] = r.init_note;
     if (!r.resumed_from.empty()) {
       j["resumed_from"] = r.resumed_from;

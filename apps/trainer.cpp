@@ -12,6 +12,7 @@
 #include <map>
 
 #include "apps/metrics.h"
+#include "core/allocator.h"
 #include "data/dataset.h"
 #include "io/checkpoint.h"
 #include "io/file.h"
@@ -671,6 +672,11 @@ TrainResult train(TrainConfig cfg) {
     res.communication_seconds = dp->communication_seconds();
     res.exposed_communication_seconds = dp->exposed_communication_seconds();
     res.gradient_buckets = int64_t(dp->buckets().size());
+  }
+  if (dev.is_cuda()) {
+    const AllocatorStats mem = cuda_allocator().stats(dev.index);
+    res.peak_gpu_bytes = mem.peak_in_use;
+    res.peak_gpu_reserved_bytes = mem.peak_reserved;
   }
   res.svg_path = metrics.write_svg();
   if (data.bad) res.bad_images = data.bad->list();

@@ -85,6 +85,9 @@ struct TrainResult {
   double communication_seconds = -1;          // DataParallel: time in the gradient all-reduces
   double exposed_communication_seconds = -1;  // the part of it not hidden behind backward
   int64_t gradient_buckets = 0;
+  // GPUs: the most device memory in tensors and held from the driver on the first GPU (the
+  // caching allocator's peaks, as PyTorch's max_memory_allocated / max_memory_reserved).
+  int64_t peak_gpu_bytes = 0, peak_gpu_reserved_bytes = 0;
   std::string init_note;     // --init-from: what was loaded, renamed, re-initialised
   std::string resumed_from;  // the checkpoint training resumed from, if any
   int64_t resumed_step = 0;

@@ -396,6 +396,10 @@ TEST(Cuda, TrainerOnOneGpuMatchesTheCpuAndItsCheckpointLoadsAnywhere) {
   const nlohmann::json gpu = train("cuda:0", " --max-steps 6 --save " + dir + "/gpu6.h5");
   ASSERT_TRUE(cpu.contains("train_loss") && gpu.contains("train_loss"));
   const double lc = cpu["train_loss"], lg = gpu["train_loss"];
+  EXPECT_FALSE(cpu.contains("peak_gpu_bytes"));
+  ASSERT_TRUE(gpu.contains("peak_gpu_bytes"));
+  EXPECT_GT(int64_t(gpu["peak_gpu_bytes"]), 0);
+  EXPECT_GE(int64_t(gpu["peak_gpu_reserved_bytes"]), int64_t(gpu["peak_gpu_bytes"]));
   EXPECT_LT(std::abs(lc - lg), 1e-3 * std::max(1.0, std::abs(lc))) << lc << " vs " << lg;
   auto eval = [&](const std::string& devices) {
     const std::string out =
