@@ -4,8 +4,9 @@
 // math (tensor cores on Ampere and later); FP16 and BF16 tensor-core math on 16-bit copies of the
 // operands with float32 sums (cuDNN's pseudo-half configurations), their 16-bit outputs cast
 // back to float32 (dw: added). The descriptors and the algorithm of each shape and math are
-// made once (the algorithm by cuDNN's heuristics: the fastest that fits the workspace limit) and
-// cached per thread; the workspace is a per-thread, per-device buffer that grows as needed.
+// made once (the algorithm by cuDNN's heuristics: the fastest deterministic one that fits the
+// workspace limit) and cached per thread; the workspace is a per-thread, per-device buffer that
+// grows as needed.
 #include <array>
 #include <map>
 #include <memory>
@@ -77,12 +78,18 @@ struct Algos {
   size_t fwd_ws = 0, data_ws = 0, filter_ws = 0;
 };
 
-// The first (fastest by cuDNN's heuristics) algorithm that succeeds within the workspace limit.
+// The first (fastest by cuDNN's heuristics) deterministic algorithm that succeeds within the
+// workspace limit, so that a rerun or a resume on the same GPU repeats every bit (the backward
+// algorithms that sum with atomics do not); a non-deterministic one only if no other works.
 template <typename Perf>
 const Perf& pick(const std::vector<Perf>& perf, int n, const char* what) {
-  for (int i = 0; i < n; ++i)
-    if (perf[size_t(i)].status == CUDNN_STATUS_SUCCESS && perf[size_t(i)].memory <= kWorkspaceLimit)
-      return perf[size_t(i)];
+  for (const bool deterministic_only : {true, false})
+    for (int i = 0; i < n; ++i) {
+      const Perf& p = perf[size_t(i)];
+      if (p.status == CUDNN_STATUS_SUCCESS && p.memory <= kWorkspaceLimit &&
+          (!deterministic_only || p.determinism == CUDNN_DETERMINISTIC))
+        return p;
+    }
   DPT_THROW(
       DeviceError, "cuDNN offers no ", what,
       " algorithm for this convolution in this precision (bf16 needs an Ampere or later GPU)");
