@@ -553,6 +553,8 @@ TrainResult train(TrainConfig cfg) {
     ++res.checkpoints_saved;
   };
 
+  // The peak GPU memory reported is this run's, from the model on.
+  if (dev.is_cuda()) cuda_allocator().reset_peak(dev.index);
   const int64_t warm = std::min<int64_t>(3, total / 5);  // steps excluded from the img/s figure
   Clock::time_point steady_start = Clock::now();
   double eval_seconds = 0;

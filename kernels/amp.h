@@ -8,8 +8,9 @@
 //   cast(src, dst):            dst = src in dst's dtype, between F32 and F16 / BF16 (rounding as
 //                              round_; exact from 16 bits to 32), same shape and device
 //
-// fp16 and bf16 training keeps fp32 storage and rounds at the boundaries of the matrix ops
-// (models/layers.cpp); these ops are the rounding and the loss scaling.
+// fp16 and bf16 training keeps fp32 storage and rounds at the boundaries of the matrix ops: the
+// convolution kernels themselves (kernels/conv.h), the linear layer in models/layers.cpp; these
+// ops are the rounding, the 16-bit copies and the loss scaling.
 #pragma once
 
 #include <string>

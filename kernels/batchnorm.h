@@ -7,15 +7,13 @@
 //              (PyTorch's rule; batches is num_batches_tracked, an int64 scalar)
 //   backward:  with xhat = (x - mean) * invstd, sum_dy = sum dy, sum_dy_xhat = sum dy * xhat,
 //              dx = gamma * invstd * (dy - (sum_dy + xhat * sum_dy_xhat) / M)
-//   combine:   all holds k rows of 2C values, row r the mean then the biased var of counts[r]
-//              values per channel; mean and var become those of the union of the k sets
-//              (SyncBatchNorm; computed in double: sum n_r m_r / N, sum n_r (v_r + m_r^2) / N -
-//              mean^2)
+//   combine:   all holds k rows of 2C values, row r the mean then the biased var of n_r values
+//              per channel, counts[r] (int64, on the same device) being n_r or any multiple of it
+//              common to all rows; mean and var become those of the union of the k sets
+//              (SyncBatchNorm; in double: sum n_r m_r / N, sum n_r (v_r + m_r^2) / N - mean^2)
 // Outputs are overwritten; dgamma (+= sum_dy_xhat) and dbeta (+= sum_dy) are accumulated by the
 // module, not here.
 #pragma once
-
-#include <vector>
 
 #include "core/tensor.h"
 #include "kernels/dispatch.h"
@@ -36,8 +34,7 @@ namespace dpt {
   void batchnorm_backward_data(const Tensor& dy, const Tensor& x, const Tensor& mean,            \
                                const Tensor& var, const Tensor& gamma, const Tensor& sum_dy,     \
                                const Tensor& sum_dy_xhat, float eps, int64_t count, Tensor& dx); \
-  void batchnorm_combine_stats(const Tensor& all, const std::vector<int64_t>& counts,            \
-                               Tensor& mean, Tensor& var);
+  void batchnorm_combine_stats(const Tensor& all, const Tensor& counts, Tensor& mean, Tensor& var);
 namespace cpu {
 DPT_BATCHNORM_KERNELS
 }  // namespace cpu
@@ -72,8 +69,8 @@ inline void batchnorm_backward_data(const Tensor& dy, const Tensor& x, const Ten
                 eps, count, dx);
 }
 
-inline void batchnorm_combine_stats(const Tensor& all, const std::vector<int64_t>& counts,
-                                    Tensor& mean, Tensor& var) {
+inline void batchnorm_combine_stats(const Tensor& all, const Tensor& counts, Tensor& mean,
+                                    Tensor& var) {
   DPT_ON_DEVICE(mean.device(), batchnorm_combine_stats, all, counts, mean, var);
 }
 

@@ -43,8 +43,8 @@ DPT_HOST_DEVICE inline float sgd_update(float p, float grad, float* buf, const S
   return p - h.lr * g;
 }
 
-// One parameter of a step, all on one device: buf is null without momentum; first_step: buf
-// has no history yet.
+// One parameter of a step, all on one device: buf is null exactly when there is no momentum;
+// first_step: buf has no history yet (meaningless without momentum).
 struct SgdSlot {
   Tensor* p;
   const Tensor* grad;

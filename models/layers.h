@@ -25,7 +25,7 @@ class Conv2d : public Module {
 
  private:
   Conv2dParams params() const;  // p_ with the math precision() asks for
-  Conv2dParams p_;
+  Conv2dParams p_;              // stride and padding (its precision is params()' business)
   bool input_grad_ = true;
   Tensor x_;
 };

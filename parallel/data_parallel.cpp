@@ -57,9 +57,10 @@ Tensor cat_rows(const std::vector<Tensor>& parts, const Device& dev) {
 }  // namespace
 
 // SyncBatchNorm: the replicas taking part in a step exchange their per-channel (mean, var) and
-// combine them exactly (batchnorm_combine_stats, in double; each replica's count follows from the
-// chunk sizes); backward sums the per-channel gradient sums. Everything stays on the replica's
-// device: on a GPU no value goes through the host.
+// combine them exactly (batchnorm_combine_stats, in double), each weighted by its chunk's rows
+// (its count of values over the same H*W); backward sums the per-channel gradient sums.
+// Everything stays on the replica's device: on a GPU no value goes through the host (the row
+// counts are copied there only when the chunk sizes change).
 class SyncBatchNormHook : public BatchNormSync {
  public:
   SyncBatchNormHook(DataParallel& dp, int rank, Device device)
@@ -68,16 +69,23 @@ class SyncBatchNormHook : public BatchNormSync {
   void reduce_stats(Tensor& mean, Tensor& var, int64_t& count) override {
     const int64_t C = mean.numel();
     const int k = dp_.active();
-    const std::vector<int64_t>& rows = dp_.last_chunk_sizes();
-    const int64_t per_row = count / rows[size_t(rank_)];  // H*W, the same on every replica
-    std::vector<int64_t> counts(static_cast<size_t>(k));
+    const std::vector<int64_t>& chunk_rows = dp_.last_chunk_sizes();
+    const int64_t mine_rows = chunk_rows[size_t(rank_)], per_row = count / mine_rows;  // H*W
+    DPT_ASSERT(per_row * mine_rows == count, "SyncBatchNorm on ", count,
+               " values per channel for a chunk of ", mine_rows, " rows");
+    if (weight_rows_ != chunk_rows) {
+      weight_rows_ = chunk_rows;
+      Tensor w({k}, DType::I64);
+      std::copy(chunk_rows.begin(), chunk_rows.end(), w.data<int64_t>());
+      weights_ = device_.is_cpu() ? std::move(w) : w.to(device_);
+    }
     count = 0;
-    for (int r = 0; r < k; ++r) count += counts[size_t(r)] = rows[size_t(r)] * per_row;
+    for (int64_t n_rows : chunk_rows) count += n_rows * per_row;
     Tensor mine({2 * C}, DType::F32, device_), all({k * 2 * C}, DType::F32, device_);
     mine.view(0, {C}).copy_from(mean);
     mine.view(C, {C}).copy_from(var);
     dp_.comm(k).all_gather(rank_, mine, all);
-    batchnorm_combine_stats(all, counts, mean, var);
+    batchnorm_combine_stats(all, weights_, mean, var);
   }
 
   void reduce_grad_sums(Tensor& sum_dy, Tensor& sum_dy_xhat) override {
@@ -94,6 +102,8 @@ class SyncBatchNormHook : public BatchNormSync {
   DataParallel& dp_;
   int rank_;
   Device device_;
+  std::vector<int64_t> weight_rows_;  // the chunk sizes that weights_ holds
+  Tensor weights_;                    // int64, on device_
 };
 
 // One thread per replica, each with its share of the OpenMP threads; run() hands every thread
@@ -369,6 +379,10 @@ Tensor DataParallel::gather(std::vector<Tensor>& local) {
 }
 
 std::vector<Tensor> DataParallel::scatter(const Tensor& t) const {
+  int64_t n = 0;
+  for (int64_t s : sizes_) n += s;
+  DPT_CHECK(t.ndim() >= 1 && t.dim(0) == n, ConfigError, "DataParallel expected ", n,
+            " rows (the last forward's batch), got ", shape_str(t.shape()));
   const std::vector<int64_t> offsets = chunk_offsets();
   std::vector<Tensor> chunks(replicas_.size());
   for (size_t r = 0; r < replicas_.size(); ++r) {
@@ -407,6 +421,7 @@ Tensor DataParallel::forward(Tensor x) {
   // The chunks are copied here, before any replica queues work: a copy between GPUs waits for
   // everything queued on its source GPU. They are kept until backward is over, so that the
   // thread that allocated them frees them.
+  inputs_.clear();  // the last batch's chunks go before this one's are made
   inputs_ = scatter(x);
   std::vector<Tensor> outs(replicas_.size());
   run([&](int r) {
@@ -414,11 +429,13 @@ Tensor DataParallel::forward(Tensor x) {
       outs[size_t(r)] = replicas_[size_t(r)]->forward(inputs_[size_t(r)].share());
   });
   if (is_training() && opt_.bn == BnMode::Local) copy_buffers_from_rank0();
+  if (!is_training()) inputs_.clear();  // no backward will need them
   return gather(outs);
 }
 
 Tensor DataParallel::backward(Tensor dy) {
   DPT_ASSERT(!sizes_.empty(), "DataParallel::backward without a forward");
+  const std::vector<Tensor> inputs = std::move(inputs_);  // freed when backward ends, or throws
   std::vector<Tensor> dys = scatter(dy);
   std::vector<Tensor> dxs(replicas_.size());
   for (auto& r : reducers_) r->begin();
@@ -430,7 +447,6 @@ Tensor DataParallel::backward(Tensor dy) {
       m.zero_grad();  // no chunk this step: contributes nothing to the sum
     reducers_[size_t(r)]->finish();
   });
-  inputs_.clear();
   return gather(dxs);
 }
 
@@ -461,6 +477,7 @@ void DataParallel::set_precision(Precision p) {
 }
 
 void DataParallel::release() {
+  inputs_.clear();
   for (Module* m : replicas_)
     for (auto& [n, sub] : m->named_modules()) sub->release();
 }

@@ -163,9 +163,10 @@ TEST(Cuda, BatchNormPieces) {
     Tensor positive = all.clone();  // variances must not be negative
     for (int64_t i = 0; i < positive.numel(); ++i)
       positive.data<float>()[i] = std::fabs(positive.data<float>()[i]);
-    Tensor cm({C}), cv({C}), gcm = out({C}), gcv = out({C});
-    batchnorm_combine_stats(positive, {5, 7, 2}, cm, cv);
-    batchnorm_combine_stats(positive.to(kGpu), {5, 7, 2}, gcm, gcv);
+    Tensor cm({C}), cv({C}), gcm = out({C}), gcv = out({C}), counts({3}, DType::I64);
+    counts.data<int64_t>()[0] = 5, counts.data<int64_t>()[1] = 7, counts.data<int64_t>()[2] = 2;
+    batchnorm_combine_stats(positive, counts, cm, cv);
+    batchnorm_combine_stats(positive.to(kGpu), counts.to(kGpu), gcm, gcv);
     EXPECT_LT(rel_error(gcm, cm), 1e-6);
     EXPECT_LT(rel_error(gcv, cv), 1e-6);
   }

@@ -120,20 +120,21 @@ void batchnorm_backward_data(const Tensor& dy, const Tensor& x, const Tensor& me
   }
 }
 
-void batchnorm_combine_stats(const Tensor& all, const std::vector<int64_t>& counts, Tensor& mean,
-                             Tensor& var) {
-  const int64_t C = mean.numel(), k = int64_t(counts.size());
+void batchnorm_combine_stats(const Tensor& all, const Tensor& counts, Tensor& mean, Tensor& var) {
+  const int64_t C = mean.numel(), k = counts.numel();
   check_f32_cpu(all, "batchnorm_combine_stats all");
-  DPT_ASSERT(all.numel() == 2 * C * k && var.numel() == C, "batchnorm_combine_stats: shapes");
+  DPT_ASSERT(all.numel() == 2 * C * k && var.numel() == C && counts.device().is_cpu(),
+             "batchnorm_combine_stats: shapes");
   const float* a = all.data<float>();
+  const int64_t* n_of = counts.data<int64_t>();
   float *m = mean.data<float>(), *v = var.data<float>();
   double total = 0;
-  for (int64_t n : counts) total += double(n);
+  for (int64_t r = 0; r < k; ++r) total += double(n_of[r]);
   for (int64_t c = 0; c < C; ++c) {
     double mu = 0, sq = 0;
     for (int64_t r = 0; r < k; ++r) {
       const float* q = a + r * 2 * C;
-      const double n = double(counts[size_t(r)]);
+      const double n = double(n_of[r]);
       mu += n * q[c];
       sq += n * (double(q[C + c]) + double(q[c]) * q[c]);
     }

@@ -165,7 +165,8 @@ void conv2d_backward(const Tensor& dy, const Tensor& x, const Tensor& w, Tensor*
   check_f32_cpu(dy, "conv2d dy");
   check_f32_cpu(dw, "conv2d dw");
   if (const Precision pr = prm.precision; pr != Precision::FP32) {
-    Tensor g = Tensor::zeros(dw.shape());  // this call's contribution, rounded before it is added
+    // This call's contribution, rounded before it is added.
+    Tensor g = Tensor::zeros(dw.shape(), DType::F32, dw.device());
     cpu::conv2d_backward(operand(dy, pr), operand(x, pr), operand(w, pr), dx, g, in_fp32(prm));
     if (pr != Precision::TF32) {
       if (dx) cpu::round_(*dx, rounding_of(pr));

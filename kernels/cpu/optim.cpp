@@ -11,7 +11,8 @@ void sgd_step(const std::vector<SgdSlot>& slots, const SgdParams& h) {
     DPT_ASSERT(s.grad->numel() == s.p->numel(), "sgd: grad shape");
     float* pp = s.p->data<float>();
     const float* gp = s.grad->data<float>();
-    float* bp = h.momentum != 0 ? s.buf->data<float>() : nullptr;
+    DPT_ASSERT((s.buf != nullptr) == (h.momentum != 0), "sgd: a momentum buffer without momentum");
+    float* bp = s.buf ? s.buf->data<float>() : nullptr;
     const int64_t n = s.p->numel();
     const bool first = s.first_step;
 #pragma omp parallel for simd schedule(static) if (n > 65536)

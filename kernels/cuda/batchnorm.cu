@@ -1,8 +1,6 @@
 // CUDA batch normalisation pieces (math in kernels/batchnorm.h), mirroring the CPU engine: the
 // per-channel reductions run one block per channel and accumulate in double (two passes for the
 // variance), the elementwise parts one thread per value. Outputs are overwritten.
-#include <algorithm>
-
 #include "kernels/batchnorm.h"
 #include "kernels/cuda/common.h"
 
@@ -186,17 +184,15 @@ __global__ void combine(const float* all, const int64_t* counts, int64_t k, int6
 }
 }  // namespace
 
-void batchnorm_combine_stats(const Tensor& all, const std::vector<int64_t>& counts, Tensor& mean,
-                             Tensor& var) {
+void batchnorm_combine_stats(const Tensor& all, const Tensor& counts, Tensor& mean, Tensor& var) {
   check_operands("batchnorm_combine_stats", {&mean, &var, &all});
-  const int64_t C = mean.numel(), k = int64_t(counts.size());
-  DPT_ASSERT(all.numel() == 2 * C * k && var.numel() == C, "batchnorm_combine_stats: shapes");
-  Tensor host({k}, DType::I64);
-  std::copy(counts.begin(), counts.end(), host.data<int64_t>());
-  const Tensor n = host.to(mean.device());
+  const int64_t C = mean.numel(), k = counts.numel();
+  DPT_ASSERT(all.numel() == 2 * C * k && var.numel() == C && counts.dtype() == DType::I64 &&
+                 counts.device() == mean.device(),
+             "batchnorm_combine_stats: shapes, or counts not int64 on ", mean.device().str());
   DPT_CUDA(cudaSetDevice(mean.device().index));
   combine<<<blocks_for(C), kThreads, 0, cudaStreamPerThread>>>(
-      all.data<float>(), n.data<int64_t>(), k, C, mean.data<float>(), var.data<float>());
+      all.data<float>(), counts.data<int64_t>(), k, C, mean.data<float>(), var.data<float>());
   check_launch("batchnorm_combine_stats");
 }
 

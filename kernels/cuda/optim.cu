@@ -30,7 +30,8 @@ void sgd_step(const std::vector<SgdSlot>& slots, const SgdParams& h) {
   const Device dev = slots[0].p->device();
   for (const SgdSlot& s : slots) {
     check_operands("sgd_step", {s.p, s.grad});
-    if (h.momentum != 0) check_operands("sgd_step", {s.p, s.buf});
+    DPT_ASSERT((s.buf != nullptr) == (h.momentum != 0), "sgd: a momentum buffer without momentum");
+    if (s.buf) check_operands("sgd_step", {s.p, s.buf});
     DPT_ASSERT(s.p->device() == dev, "sgd_step: parameters on ", dev.str(), " and ",
                s.p->device().str());
     DPT_ASSERT(s.grad->numel() == s.p->numel(), "sgd: grad shape");
@@ -44,7 +45,7 @@ void sgd_step(const std::vector<SgdSlot>& slots, const SgdParams& h) {
       const SgdSlot& s = slots[first + i];
       t.p[i] = s.p->data<float>();
       t.grad[i] = s.grad->data<float>();
-      t.buf[i] = h.momentum != 0 ? s.buf->data<float>() : nullptr;
+      t.buf[i] = s.buf ? s.buf->data<float>() : nullptr;
       t.n[i] = s.p->numel();
       t.first[i] = s.first_step;
       most = std::max(most, t.n[i]);
