@@ -34,12 +34,6 @@ Tensor rows(const Tensor& t, int64_t start, int64_t n, const Device& dev) {
   return out;
 }
 
-// t where communicator collectives take it: as it is on a CPU device (the in-process and MPI
-// communicators read host memory), copied to the GPU otherwise (NCCL).
-Tensor for_comm(Tensor t, const Device& dev) {
-  return dev.is_cpu() ? std::move(t) : t.to(dev);
-}
-
 // The tensors stacked along dim 0 on dev.
 Tensor cat_rows(const std::vector<Tensor>& parts, const Device& dev) {
   Shape s = parts[0].shape();
@@ -333,7 +327,7 @@ Shape shape_of_rank0(Communicator& world, int rank, const Tensor& t, const Devic
   p[0] = t.defined() ? t.ndim() : -1;
   DPT_ASSERT(p[0] <= 8, "gather of a tensor with ", p[0], " dims");
   for (int i = 0; i < t.ndim() && t.defined(); ++i) p[1 + i] = t.dim(i);
-  Tensor shared = for_comm(std::move(s), dev);
+  Tensor shared = s.to(dev);  // where the communicator takes it (the GPU for NCCL)
   world.broadcast(rank, shared, 0);
   s = shared.to(Device::cpu());
   p = s.data<int64_t>();

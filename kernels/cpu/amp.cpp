@@ -22,25 +22,10 @@ void round_(Tensor& x, DType t) {
 }
 
 void cast(const Tensor& src, Tensor& dst) {
-  DPT_ASSERT(src.shape() == dst.shape() && src.device().is_cpu() && dst.device().is_cpu(),
-             "cast: shapes or devices differ");
-  const int64_t n = src.numel();
-  const DType from = src.dtype(), to = dst.dtype();
-  if (from == DType::F32 && (to == DType::F16 || to == DType::BF16)) {
-    const float* s = src.data<float>();
-    uint16_t* d = dst.data<uint16_t>();
-#pragma omp parallel for schedule(static) if (n > kParallelMin)
-    for (int64_t i = 0; i < n; ++i)
-      d[i] = to == DType::F16 ? float_to_f16(s[i]) : float_to_bf16(s[i]);
-  } else if (to == DType::F32 && (from == DType::F16 || from == DType::BF16)) {
-    const uint16_t* s = src.data<uint16_t>();
-    float* d = dst.data<float>();
-#pragma omp parallel for schedule(static) if (n > kParallelMin)
-    for (int64_t i = 0; i < n; ++i)
-      d[i] = from == DType::F16 ? f16_to_float(s[i]) : bf16_to_float(s[i]);
-  } else {
-    DPT_ASSERT(false, "cast from ", dtype_name(from), " to ", dtype_name(to));
-  }
+  DPT_ASSERT(src.shape() == dst.shape() && src.device().is_cpu() && dst.device().is_cpu() &&
+                 (src.dtype() == DType::F32) != (dst.dtype() == DType::F32),
+             "cast from ", dtype_name(src.dtype()), " to ", dtype_name(dst.dtype()));
+  dst.copy_from(src.to(dst.dtype()));  // Tensor::to rounds as round_ does
 }
 
 bool scale_check_(const std::vector<Tensor*>& ts, float factor) {

@@ -63,9 +63,17 @@ Key key_of(const Tensor& x, const Tensor& w, const Conv2dParams& p) {
           w.dim(2),         w.dim(3), p.stride, p.pad,    int(p.precision)};
 }
 
-// The 16-bit format of the cuDNN operands: F16, BF16, or F32 (the float32 tensors themselves).
-DType operands_of(const Conv2dParams& p) {
-  return rounding_of(p.precision);
+// What cuDNN reads for operand t in format fmt (F32: t itself; F16/BF16: a copy kept in `copy`),
+// and where it writes an output of t's shape (a 16-bit `copy` to cast back afterwards).
+const void* input_of(const Tensor& t, DType fmt, Tensor& copy) {
+  if (fmt == DType::F32) return t.raw();
+  copy = dpt::cast_to(t, fmt);
+  return copy.raw();
+}
+void* output_of(Tensor& t, DType fmt, Tensor& copy) {
+  if (fmt == DType::F32) return t.raw();
+  copy = Tensor(t.shape(), fmt, t.device());
+  return copy.raw();
 }
 
 // The algorithm of each direction, chosen when first needed (the stem never needs
@@ -162,17 +170,12 @@ void conv2d_forward(const Tensor& x, const Tensor& w, Tensor& y, const Conv2dPar
   Algos& a = plan.a;
   choose_fwd(h.cudnn, d, a);
   const float one = 1.0f, zero = 0.0f;
-  const DType fmt = operands_of(p);
-  auto run = [&](const void* xp, const void* wp, void* yp) {
-    DPT_CUDNN(cudnnConvolutionForward(h.cudnn, &one, d.x, xp, d.w, wp, d.conv, a.fwd,
-                                      workspace(x.device().index, a.fwd_ws), a.fwd_ws, &zero, d.y,
-                                      yp));
-  };
-  if (fmt == DType::F32) return run(x.raw(), w.raw(), y.raw());
-  const Tensor xh = dpt::cast_to(x, fmt), wh = dpt::cast_to(w, fmt);
-  Tensor yh(y.shape(), fmt, y.device());
-  run(xh.raw(), wh.raw(), yh.raw());
-  cuda::cast(yh, y);
+  const DType fmt = rounding_of(p.precision);  // F16/BF16: cuDNN works on 16-bit copies
+  Tensor xh, wh, yh;
+  DPT_CUDNN(cudnnConvolutionForward(
+      h.cudnn, &one, d.x, input_of(x, fmt, xh), d.w, input_of(w, fmt, wh), d.conv, a.fwd,
+      workspace(x.device().index, a.fwd_ws), a.fwd_ws, &zero, d.y, output_of(y, fmt, yh)));
+  if (yh.defined()) cuda::cast(yh, y);
 }
 
 void conv2d_backward(const Tensor& dy, const Tensor& x, const Tensor& w, Tensor* dx, Tensor& dw,
@@ -185,34 +188,26 @@ void conv2d_backward(const Tensor& dy, const Tensor& x, const Tensor& w, Tensor*
   Algos& a = plan.a;
   const float one = 1.0f, zero = 0.0f;
   const int dev = x.device().index;
-  const DType fmt = operands_of(p);
-  // 16-bit operands: copies of dy, x and w; dw's part is made in 16 bits, then added.
-  Tensor dyh, xh, wh, dwh;
-  if (fmt != DType::F32) {
-    dyh = dpt::cast_to(dy, fmt);
-    xh = dpt::cast_to(x, fmt);
-    wh = dpt::cast_to(w, fmt);
-    dwh = Tensor(dw.shape(), fmt, dw.device());
-  }
-  const void* dyp = fmt == DType::F32 ? dy.raw() : dyh.raw();
+  const DType fmt = rounding_of(p.precision);  // F16/BF16: cuDNN works on 16-bit copies
+  Tensor dyh, xh, wh, dwh, dxh;
+  const void* dyp = input_of(dy, fmt, dyh);
   choose_filter(h.cudnn, d, a);
-  DPT_CUDNN(cudnnConvolutionBackwardFilter(
-      h.cudnn, &one, d.x, fmt == DType::F32 ? x.raw() : xh.raw(), d.y, dyp, d.conv, a.bwd_filter,
-      workspace(dev, a.filter_ws), a.filter_ws, fmt == DType::F32 ? &one : &zero, d.w,
-      fmt == DType::F32 ? dw.raw() : dwh.raw()));
-  if (fmt != DType::F32) {
+  // A 16-bit dw is this call's part alone (beta 0), added to dw once cast back.
+  DPT_CUDNN(cudnnConvolutionBackwardFilter(h.cudnn, &one, d.x, input_of(x, fmt, xh), d.y, dyp,
+                                           d.conv, a.bwd_filter, workspace(dev, a.filter_ws),
+                                           a.filter_ws, fmt == DType::F32 ? &one : &zero, d.w,
+                                           output_of(dw, fmt, dwh)));
+  if (dwh.defined()) {
     Tensor part(dw.shape(), DType::F32, dw.device());
     cuda::cast(dwh, part);
     cuda::add_(dw, part);
   }
   if (!dx) return;
   choose_data(h.cudnn, d, a);
-  Tensor dxh;
-  if (fmt != DType::F32) dxh = Tensor(dx->shape(), fmt, dx->device());
-  DPT_CUDNN(cudnnConvolutionBackwardData(
-      h.cudnn, &one, d.w, fmt == DType::F32 ? w.raw() : wh.raw(), d.y, dyp, d.conv, a.bwd_data,
-      workspace(dev, a.data_ws), a.data_ws, &zero, d.x, fmt == DType::F32 ? dx->raw() : dxh.raw()));
-  if (fmt != DType::F32) cuda::cast(dxh, *dx);
+  DPT_CUDNN(cudnnConvolutionBackwardData(h.cudnn, &one, d.w, input_of(w, fmt, wh), d.y, dyp, d.conv,
+                                         a.bwd_data, workspace(dev, a.data_ws), a.data_ws, &zero,
+                                         d.x, output_of(*dx, fmt, dxh)));
+  if (dxh.defined()) cuda::cast(dxh, *dx);
 }
 
 }  // namespace dpt::cuda
