@@ -382,7 +382,8 @@ int run(int argc, char** argv, const dpt::MpiRuntime* mpi) {
                      {"train_loss", r.train_loss},
                      {"images_per_second", r.images_per_second},
                      {"seconds", r.seconds},
-                     {"parameters", r.parameters}};
+                     {"parameters", r.parameters},
+                     {"peak_host_tensor_bytes", r.peak_host_tensor_bytes}};
     if (r.communication_seconds >= 0) {
       j["communication_seconds"] = r.communication_seconds;
       j["exposed_communication_seconds"] = r.exposed_communication_seconds;

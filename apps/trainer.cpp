@@ -553,8 +553,9 @@ TrainResult train(TrainConfig cfg) {
     ++res.checkpoints_saved;
   };
 
-  // The peak GPU memory reported is this run's, from the model on.
+  // The peak memory reported is this run's, from the model on.
   if (dev.is_cuda()) cuda_allocator().reset_peak(dev.index);
+  reset_host_peak();
   const int64_t warm = std::min<int64_t>(3, total / 5);  // steps excluded from the img/s figure
   Clock::time_point steady_start = Clock::now();
   double eval_seconds = 0;
@@ -675,6 +676,7 @@ TrainResult train(TrainConfig cfg) {
     res.exposed_communication_seconds = dp->exposed_communication_seconds();
     res.gradient_buckets = int64_t(dp->buckets().size());
   }
+  res.peak_host_tensor_bytes = host_tensor_memory().peak;
   if (dev.is_cuda()) {
     const AllocatorStats mem = cuda_allocator().stats(dev.index);
     res.peak_gpu_bytes = mem.peak_in_use;

@@ -88,6 +88,9 @@ struct TrainResult {
   // GPUs: the most device memory in tensors and held from the driver on the first GPU (the
   // caching allocator's peaks, as PyTorch's max_memory_allocated / max_memory_reserved).
   int64_t peak_gpu_bytes = 0, peak_gpu_reserved_bytes = 0;
+  // The most host memory in tensors at once (core/tensor.h: host_tensor_memory), from the model
+  // on: on CPU devices the model, its activations and the optimizer's state, plus the batches.
+  int64_t peak_host_tensor_bytes = 0;
   std::string init_note;     // --init-from: what was loaded, renamed, re-initialised
   std::string resumed_from;  // the checkpoint training resumed from, if any
   int64_t resumed_step = 0;

@@ -3,6 +3,7 @@
 #include "core/allocator.h"
 #include "core/cuda_check.h"
 
+#include <atomic>
 #include <cmath>
 #include <cstdlib>
 #include <cstring>
@@ -30,6 +31,20 @@ int64_t shape_numel(const Shape& s) {
   return n;
 }
 
+namespace {
+std::atomic<int64_t> host_in_use{0}, host_peak{0};
+size_t host_rounded(size_t bytes) {
+  return (bytes + 63) / 64 * 64;
+}
+}  // namespace
+
+HostMemory host_tensor_memory() {
+  return {host_in_use.load(), host_peak.load()};
+}
+void reset_host_peak() {
+  host_peak = host_in_use.load();
+}
+
 void* device_alloc(const Device& d, size_t bytes) {
   if (d.is_cuda()) {
     std::string why;
@@ -44,17 +59,22 @@ void* device_alloc(const Device& d, size_t bytes) {
     return cuda_allocator().allocate(d.index, bytes);
   }
   if (bytes == 0) return nullptr;
-  size_t rounded = (bytes + 63) / 64 * 64;
+  const size_t rounded = host_rounded(bytes);
   void* p = std::aligned_alloc(64, rounded);
   DPT_CHECK(p != nullptr, Error, "out of host memory allocating ", bytes, " bytes on ", d.str());
+  const int64_t now = host_in_use += int64_t(rounded);
+  for (int64_t seen = host_peak.load();
+       now > seen && !host_peak.compare_exchange_weak(seen, now);) {
+  }
   return p;
 }
 
-void device_free(const Device& d, void* p, size_t) noexcept {
+void device_free(const Device& d, void* p, size_t bytes) noexcept {
   if (d.is_cuda()) {
     if (p) cuda_allocator().deallocate(d.index, p);
     return;
   }
+  if (p) host_in_use -= int64_t(host_rounded(bytes));
   std::free(p);
 }
 

@@ -30,6 +30,14 @@ void device_copy(const Device& dst_dev, void* dst, const Device& src_dev, const 
                  size_t bytes);
 void device_zero(const Device& d, void* p, size_t bytes);
 
+// Host (CPU) tensor memory, counted as device_alloc hands it out: bytes in use now, and the most
+// in use at once since the process started or reset_host_peak() (page-locked batches excluded).
+struct HostMemory {
+  int64_t in_use = 0, peak = 0;
+};
+HostMemory host_tensor_memory();
+void reset_host_peak();
+
 class Storage {
  public:
   // pinned (host memory only): page-locked (cudaHostAlloc) when a GPU is usable, else ordinary.

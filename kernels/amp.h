@@ -5,12 +5,15 @@
 //                              as IEEE half does); t == F32 leaves x alone
 //   scale_check_(ts, factor):  t = t * factor for every t in ts; returns whether any value of any
 //                              t was inf or NaN before scaling (GradScaler's found_inf)
-//   cast(src, dst):            dst = src in dst's dtype, between F32 and F16 / BF16 (rounding as
-//                              round_; exact from 16 bits to 32), same shape and device
+//   cast(src, dst):            dst = src in dst's dtype, between any of F32, F16 and BF16
+//                              (rounding as round_; exact from 16 bits to 32), same shape and
+//                              device
 //
-// fp16 and bf16 training keeps fp32 storage and rounds at the boundaries of the matrix ops: the
-// convolution kernels themselves (kernels/conv.h), the linear layer in models/layers.cpp; these
-// ops are the rounding, the 16-bit copies and the loss scaling.
+// fp16 and bf16 training stores the activations in 16 bits from the first convolution's output
+// to the global average pool's input (the kernels take them in either format and compute in
+// float32), keeps float32 master weights and gradients, and rounds at the boundaries of the
+// linear layer (models/layers.cpp); these ops are the rounding, the conversions and the loss
+// scaling.
 #pragma once
 
 #include <string>
@@ -24,8 +27,8 @@ namespace dpt {
 // How a model's convolutions and linear layers compute (dptrain train --precision):
 //   FP32  float32 throughout;
 //   TF32  convolutions multiply TF32 operands (kernels/conv.h), sums and storage float32;
-//   FP16, BF16  inputs, weights, outputs and gradients rounded to 16 bits (round_ below),
-//         storage and arithmetic float32.
+//   FP16, BF16  inputs, weights, outputs and gradients rounded to 16 bits (round_ below); the
+//         activations stored in 16 bits, arithmetic, weights and weight gradients float32.
 enum class Precision { FP32, TF32, FP16, BF16 };
 
 // "fp32", "tf32", "fp16", "bf16"; UsageError otherwise.
@@ -65,7 +68,7 @@ inline bool scale_check_(const std::vector<Tensor*>& ts, float factor) {
 inline void cast(const Tensor& src, Tensor& dst) {
   DPT_ON_DEVICE(src.device(), cast, src, dst);
 }
-// A copy of t (float32) in dtype d (F16 or BF16), on t's device.
+// A copy of t in dtype d (F32, F16 or BF16), on t's device.
 inline Tensor cast_to(const Tensor& t, DType d) {
   Tensor out(t.shape(), d, t.device());
   cast(t, out);

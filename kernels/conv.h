@@ -13,6 +13,10 @@
 //         outputs (y, dx, and what is added to dw) rounded to it (cuDNN on 16-bit copies with
 //         tensor-core math).
 // The CPU engine rounds copies of the operands and the outputs the same way.
+//
+// x, y, dy and dx are float32, or stored in the 16-bit format of an FP16 / BF16 convolution (the
+// activations of fp16 and bf16 training, Conv2d's output): the rounding above is then the
+// storage. w and dw are float32 (master weights).
 #pragma once
 
 #include "core/tensor.h"

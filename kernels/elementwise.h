@@ -1,4 +1,6 @@
-// Elementwise ops on float32 tensors of equal numel; all in place on their first argument.
+// Elementwise ops on tensors of equal numel and one dtype, all in place on their first argument.
+// The dtype is float32, or float16 / bfloat16 for the activations of fp16 and bf16 training: the
+// math then runs in float32 and the result is rounded to nearest even as it is stored.
 //
 //   relu_(x):           x = max(x, 0)
 //   relu_backward_(g, y): g = g * [y > 0]      (y is the ReLU's output)

@@ -4,7 +4,9 @@
 //     backward routes dy to the first maximal element of each window, as PyTorch does.
 //   global average pool (AdaptiveAvgPool2d(1)): y[n,c] = mean_{h,w} x[n,c,h,w];
 //     backward spreads dy / (H*W) over the window.
-// Backward outputs (dx) are overwritten.
+// Backward outputs (dx) are overwritten. Max pooling's x, y, dy and dx share one dtype, average
+// pooling's x and dx; float32, or float16 / bfloat16 in fp16 and bf16 training (math in float32,
+// rounded as stored). Average pooling's y and dy are float32.
 #pragma once
 
 #include "core/tensor.h"

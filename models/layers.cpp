@@ -71,11 +71,12 @@ Conv2dParams Conv2d::params() const {
   return p;
 }
 
+// In fp16 and bf16 the output, and every activation computed from it, is stored in 16 bits.
 Tensor Conv2d::forward(Tensor x) {
   const Tensor& w = weight.value;
   Tensor y({x.dim(0), w.dim(0), conv_out_size(x.dim(2), w.dim(2), p_.stride, p_.pad),
             conv_out_size(x.dim(3), w.dim(3), p_.stride, p_.pad)},
-           DType::F32, x.device());
+           rounding_of(precision()), x.device());
   conv2d_forward(x, w, y, params());
   if (is_training()) x_ = std::move(x);
   return y;
@@ -84,7 +85,7 @@ Tensor Conv2d::forward(Tensor x) {
 Tensor Conv2d::backward(Tensor dy) {
   DPT_ASSERT(x_.defined(), "Conv2d::backward without a training-mode forward");
   Tensor dx;
-  if (input_grad_) dx = Tensor(x_.shape(), DType::F32, x_.device());
+  if (input_grad_) dx = Tensor(x_.shape(), x_.dtype(), x_.device());
   conv2d_backward(dy, x_, weight.value, input_grad_ ? &dx : nullptr, weight.grad, params());
   grads_ready();
   release();
@@ -101,9 +102,9 @@ BatchNorm2d::BatchNorm2d(int64_t c, float eps, float momentum)
       momentum_(momentum) {}
 
 Tensor BatchNorm2d::forward(Tensor x) {
-  Tensor y(x.shape(), DType::F32, x.device());
+  Tensor y(x.shape(), x.dtype(), x.device());
   if (!is_training()) {
-    batchnorm_forward(x, running_mean, running_var, weight.value, bias.value, eps_, y);
+    batchnorm_forward(x, running_mean, running_var, weight.value, bias.value, eps_, y, relu_);
     return y;
   }
   const int64_t C = x.dim(1);
@@ -113,10 +114,11 @@ Tensor BatchNorm2d::forward(Tensor x) {
   if (sync_) sync_->reduce_stats(mean, var, count);
   DPT_CHECK(count > 1, ConfigError, "BatchNorm2d in training mode needs more than one value per ",
             "channel (got a batch of shape ", shape_str(x.shape()), "); use a larger batch");
-  batchnorm_forward(x, mean, var, weight.value, bias.value, eps_, y);
+  batchnorm_forward(x, mean, var, weight.value, bias.value, eps_, y, relu_);
   batchnorm_update_running(running_mean, running_var, num_batches_tracked, mean, var, count,
                            momentum_);
   x_ = std::move(x);
+  if (relu_) y_ = y.share();
   mean_ = std::move(mean);
   var_ = std::move(var);
   count_ = count;
@@ -128,19 +130,22 @@ Tensor BatchNorm2d::backward(Tensor dy) {
             "BatchNorm2d::backward needs a training-mode forward first (eval mode keeps nothing)");
   const int64_t C = x_.dim(1);
   Tensor sum_dy({C}, DType::F32, x_.device()), sum_dy_xhat({C}, DType::F32, x_.device());
-  batchnorm_backward_reduce(dy, x_, mean_, var_, eps_, sum_dy, sum_dy_xhat);
+  const Tensor* relu_y = relu_ ? &y_ : nullptr;
+  batchnorm_backward_reduce(dy, x_, mean_, var_, eps_, sum_dy, sum_dy_xhat, relu_y);
   add_(weight.grad, sum_dy_xhat);
   add_(bias.grad, sum_dy);
   grads_ready();
   if (sync_) sync_->reduce_grad_sums(sum_dy, sum_dy_xhat);
-  Tensor dx(x_.shape(), DType::F32, x_.device());
-  batchnorm_backward_data(dy, x_, mean_, var_, weight.value, sum_dy, sum_dy_xhat, eps_, count_, dx);
+  Tensor dx(x_.shape(), x_.dtype(), x_.device());
+  batchnorm_backward_data(dy, x_, mean_, var_, weight.value, sum_dy, sum_dy_xhat, eps_, count_, dx,
+                          relu_y);
   release();
   return dx;
 }
 
 void BatchNorm2d::release() {
   x_ = Tensor();
+  y_ = Tensor();
   mean_ = Tensor();
   var_ = Tensor();
 }
@@ -160,14 +165,14 @@ Tensor ReLU::backward(Tensor dy) {
 Tensor MaxPool2d::forward(Tensor x) {
   Tensor y({x.dim(0), x.dim(1), conv_out_size(x.dim(2), p_.kernel, p_.stride, p_.pad),
             conv_out_size(x.dim(3), p_.kernel, p_.stride, p_.pad)},
-           DType::F32, x.device());
+           x.dtype(), x.device());
   maxpool2d_forward(x, y, p_);
   if (is_training()) x_ = std::move(x);
   return y;
 }
 
 Tensor MaxPool2d::backward(Tensor dy) {
-  Tensor dx(x_.shape(), DType::F32, x_.device());
+  Tensor dx(x_.shape(), x_.dtype(), x_.device());
   maxpool2d_backward(dy, x_, dx, p_);
   release();
   return dx;
@@ -177,12 +182,13 @@ Tensor GlobalAvgPool::forward(Tensor x) {
   Tensor y({x.dim(0), x.dim(1)}, DType::F32, x.device());
   global_avgpool_forward(x, y);
   in_shape_ = x.shape();
+  in_dtype_ = x.dtype();
   dev_ = x.device();
   return y;
 }
 
 Tensor GlobalAvgPool::backward(Tensor dy) {
-  Tensor dx(in_shape_, DType::F32, dev_);
+  Tensor dx(in_shape_, in_dtype_, dev_);
   global_avgpool_backward(dy, dx);
   return dx;
 }

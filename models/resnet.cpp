@@ -26,7 +26,8 @@ ResidualBlock::ResidualBlock(bool bottleneck, int64_t in, int64_t planes, int st
     conv("conv2", planes, planes, 3, 1);
     bn("bn2", planes);
   }
-  register_module("relu", std::make_unique<ReLU>());
+  register_module("relu", std::make_unique<ReLU>());  // torchvision's tree; fused where it runs
+  for (size_t i = 0; i + 1 < bns_.size(); ++i) bns_[i]->fuse_relu();
   if (stride != 1 || in != out) {
     downsample_ = &register_module("downsample", std::make_unique<Sequential>());
     downsample_->add(std::make_unique<Conv2d>(in, out, 1, stride, 0, rng));
@@ -34,15 +35,11 @@ ResidualBlock::ResidualBlock(bool bottleneck, int64_t in, int64_t planes, int st
   }
 }
 
+// Every batch norm but the last applies the ReLU after it (fused); the last one's ReLU comes after
+// the residual add, fused with it.
 Tensor ResidualBlock::forward(Tensor x) {
   Tensor identity = downsample_ ? downsample_->forward(x.share()) : x.share();
-  relu_out_.clear();
-  for (size_t i = 0; i < convs_.size(); ++i) {
-    x = bns_[i]->forward(convs_[i]->forward(std::move(x)));
-    if (i + 1 == convs_.size()) break;
-    relu_(x);
-    if (is_training()) relu_out_.push_back(x.share());
-  }
+  for (size_t i = 0; i < convs_.size(); ++i) x = bns_[i]->forward(convs_[i]->forward(std::move(x)));
   add_relu_(x, identity);
   if (is_training()) y_ = x.share();
   return x;
@@ -52,10 +49,7 @@ Tensor ResidualBlock::backward(Tensor dy) {
   DPT_ASSERT(y_.defined(), "ResidualBlock::backward without a training-mode forward");
   relu_backward_(dy, y_);
   Tensor g = dy.share();
-  for (size_t i = convs_.size(); i-- > 0;) {
-    g = convs_[i]->backward(bns_[i]->backward(std::move(g)));
-    if (i > 0) relu_backward_(g, relu_out_[i - 1]);
-  }
+  for (size_t i = convs_.size(); i-- > 0;) g = convs_[i]->backward(bns_[i]->backward(std::move(g)));
   if (downsample_)
     add_(g, downsample_->backward(std::move(dy)));
   else
@@ -71,8 +65,10 @@ ResNet::ResNet(const ResNetConfig& cfg, Rng& rng) {
       register_module("conv1", std::make_unique<Conv2d>(cfg.in_channels, width, k, s, k / 2, rng));
   stem.set_input_grad(false);
   order_.push_back(&stem);
-  order_.push_back(&register_module("bn1", std::make_unique<BatchNorm2d>(width)));
-  order_.push_back(&register_module("relu", std::make_unique<ReLU>()));
+  auto& bn1 = register_module("bn1", std::make_unique<BatchNorm2d>(width));
+  bn1.fuse_relu();  // the stem's relu (registered for torchvision's tree) runs inside bn1
+  order_.push_back(&bn1);
+  register_module("relu", std::make_unique<ReLU>());
   if (!cfg.small_stem)
     order_.push_back(&register_module("maxpool", std::make_unique<MaxPool2d>(PoolParams{3, 2, 1})));
   int64_t in = width;

@@ -17,10 +17,7 @@ class ResidualBlock : public Module {
   std::string kind() const override { return bottleneck_ ? "Bottleneck" : "BasicBlock"; }
   Tensor forward(Tensor x) override;
   Tensor backward(Tensor dy) override;
-  void release() override {
-    y_ = Tensor();
-    relu_out_.clear();
-  }
+  void release() override { y_ = Tensor(); }
   BatchNorm2d& last_bn() { return *bns_.back(); }
   static int64_t expansion(bool bottleneck) { return bottleneck ? 4 : 1; }
 
@@ -28,7 +25,6 @@ class ResidualBlock : public Module {
   bool bottleneck_;
   std::vector<Conv2d*> convs_;
   std::vector<BatchNorm2d*> bns_;
-  std::vector<Tensor> relu_out_;  // outputs of the inner ReLUs, for their backward
   Sequential* downsample_ = nullptr;
   Tensor y_;  // block output after the final ReLU
 };

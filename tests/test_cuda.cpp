@@ -128,11 +128,15 @@ TEST(Cuda, ConvolutionForwardAndBackward) {
     }
 }
 
+// The third shape spreads each channel over 13 blocks, its values 30 standard deviations from 0.
 TEST(Cuda, BatchNormPieces) {
   NEED_GPU();
-  for (const Shape& s : {Shape{4, 16, 7, 7}, Shape{3, 8}}) {
+  for (const Shape& s : {Shape{4, 16, 7, 7}, Shape{3, 8}, Shape{64, 4, 28, 28}}) {
     const int64_t C = s[1], count = Tensor(s).numel() / C;
-    Tensor x = random(s, 5, 2.0f), gamma = random({C}, 6), beta = random({C}, 7), dy = random(s, 8);
+    Tensor x = random(s, 5, 2.0f);
+    if (s[0] == 64)
+      for (int64_t i = 0; i < x.numel(); ++i) x.data<float>()[i] += 60.0f;
+    Tensor gamma = random({C}, 6), beta = random({C}, 7), dy = random(s, 8);
     Tensor mean({C}), var({C}), y(s), rm = random({C}, 9), rv = Tensor::full({C}, 1.5f);
     Tensor gmean = out({C}), gvar = out({C}), gy = out(s);
     Tensor gx = x.to(kGpu), ggamma = gamma.to(kGpu), gbeta = beta.to(kGpu), gdy = dy.to(kGpu),
@@ -157,6 +161,20 @@ TEST(Cuda, BatchNormPieces) {
     EXPECT_LT(rel_error(gsdx, sdx), 1e-5);
     batchnorm_backward_data(dy, x, mean, var, gamma, sd, sdx, 1e-5f, count, dx);
     batchnorm_backward_data(gdy, gx, gmean, gvar, ggamma, gsd, gsdx, 1e-5f, count, gdx);
+    EXPECT_LT(rel_error(gdx, dx), 1e-5);
+    // The same with the ReLU fused: forward clamps, backward masks dy by the output.
+    Tensor gry = out(s);
+    batchnorm_forward(x, mean, var, gamma, beta, 1e-5f, y, true);
+    batchnorm_forward(gx, gmean, gvar, ggamma, gbeta, 1e-5f, gry, true);
+    EXPECT_LT(rel_error(gry, y), 1e-6);
+    // Backward on the CPU's mask: values within an ulp of 0 may fall on either side on the GPU.
+    const Tensor gmask = y.to(kGpu);
+    batchnorm_backward_reduce(dy, x, mean, var, 1e-5f, sd, sdx, &y);
+    batchnorm_backward_reduce(gdy, gx, gmean, gvar, 1e-5f, gsd, gsdx, &gmask);
+    EXPECT_LT(rel_error(gsd, sd), 1e-5);
+    EXPECT_LT(rel_error(gsdx, sdx), 1e-5);
+    batchnorm_backward_data(dy, x, mean, var, gamma, sd, sdx, 1e-5f, count, dx, &y);
+    batchnorm_backward_data(gdy, gx, gmean, gvar, ggamma, gsd, gsdx, 1e-5f, count, gdx, &gmask);
     EXPECT_LT(rel_error(gdx, dx), 1e-5);
     // SyncBatchNorm's combination of 3 replicas' statistics.
     const Tensor all = random({3 * 2 * C}, 10, 1.0f);
@@ -257,8 +275,11 @@ TEST(Cuda, PoolingElementwiseLinearLossAndSgd) {
 }
 
 // One SGD step of a whole network on cuda:0 and on the CPU from the same weights and batch:
-// logits, loss, every gradient and every weight after the step.
-void whole_step(const std::string& arch) {
+// logits, loss, every gradient and every weight after the step. In fp32 within 1e-3 (logits,
+// loss) and 1e-2 (gradients, weights); in fp16 and bf16 (16-bit activations on both sides, the
+// GPU's own summation order behind every rounding) within 10 and 25 units of the format's last
+// place.
+void whole_step(const std::string& arch, Precision pr = Precision::FP32) {
   ArchSpec spec;
   spec.arch = arch;
   spec.num_classes = 10;
@@ -266,15 +287,19 @@ void whole_step(const std::string& arch) {
   spec.stem = "imagenet";
   auto cpu = make_model(spec, 3), gpu = make_model(spec, 3);
   gpu->to(kGpu);
+  cpu->set_precision(pr);
+  gpu->set_precision(pr);
+  const double close = pr == Precision::FP32 ? 1e-3 : pr == Precision::FP16 ? 1e-2 : 8e-2;
+  const double bound = pr == Precision::FP32 ? 1e-2 : pr == Precision::FP16 ? 2.5e-2 : 2e-1;
   Tensor x = random({4, 3, 64, 64}, 30), t({4}, DType::I64);
   for (int64_t n = 0; n < 4; ++n) t.data<int64_t>()[n] = n * 3;
   Sgd sc({0.1f, 0.9f, 0.0f, 1e-4f, false}), sg({0.1f, 0.9f, 0.0f, 1e-4f, false});
   Tensor zc = cpu->forward(x.clone()), zg = gpu->forward(x.to(kGpu));
-  EXPECT_LT(rel_error(zg, zc), 1e-3);
+  EXPECT_LT(rel_error(zg, zc), close);
   Tensor dzc(zc.shape()), dzg(zg.shape(), DType::F32, kGpu);
   const float lc = softmax_cross_entropy(zc, t, &dzc),
               lg = softmax_cross_entropy(zg, t.to(kGpu), &dzg);
-  EXPECT_NEAR(lg, lc, 1e-3 * std::fabs(lc));
+  EXPECT_NEAR(lg, lc, close * std::fabs(lc));
   cpu->backward(std::move(dzc));
   gpu->backward(std::move(dzg));
   auto pc = cpu->named_parameters(), pg = gpu->named_parameters();
@@ -282,7 +307,7 @@ void whole_step(const std::string& arch) {
   double worst = 0;
   for (size_t i = 0; i < pc.size(); ++i)
     worst = std::max(worst, rel_error(pg[i].second->grad, pc[i].second->grad));
-  EXPECT_LT(worst, 1e-2) << "worst relative gradient error";
+  EXPECT_LT(worst, bound) << "worst relative gradient error";
   sc.step(*cpu);
   sg.step(*gpu);
   double wworst = 0;
@@ -290,9 +315,11 @@ void whole_step(const std::string& arch) {
     wworst = std::max(wworst, rel_error(pg[i].second->value, pc[i].second->value));
   // Zero-initialised weights (batch-norm biases) are -lr * grad after the first step: their error
   // is the gradient's, so the bound is the gradient's.
-  EXPECT_LT(wworst, 1e-2) << "worst relative weight error after the step";
-  std::printf("%s on %s: logits %.2e, worst gradient %.2e, worst weight after the step %.2e\n",
-              arch.c_str(), kGpu.str().c_str(), rel_error(zg, zc), worst, wworst);
+  EXPECT_LT(wworst, bound) << "worst relative weight error after the step";
+  std::printf(
+      "%s (precision %d) on %s: logits %.2e, worst gradient %.2e, worst weight after the step "
+      "%.2e\n",
+      arch.c_str(), int(pr), kGpu.str().c_str(), rel_error(zg, zc), worst, wworst);
 }
 
 TEST(Cuda, Resnet50TrainingStepMatchesTheCpu) {
@@ -303,6 +330,12 @@ TEST(Cuda, Resnet50TrainingStepMatchesTheCpu) {
 TEST(Cuda, Resnet152TrainingStepMatchesTheCpu) {
   NEED_GPU();
   whole_step("resnet152");
+}
+
+TEST(Cuda, Resnet50HalfPrecisionStepsMatchTheCpu) {
+  NEED_GPU();
+  whole_step("resnet50", Precision::FP16);
+  whole_step("resnet50", Precision::BF16);
 }
 
 // round_ and scale_check_ on the GPU give exactly the CPU's values (the same IEEE roundings).
@@ -331,6 +364,92 @@ TEST(Cuda, MixedPrecisionHelpersEqualTheCpu) {
   b.data<float>()[299] = NAN;
   gb = b.to(kGpu);
   EXPECT_TRUE(scale_check_({&ga, &gb}, 1.0f));
+}
+
+// Every op on the 16-bit activations of fp16 and bf16 training, on the GPU and on the CPU from
+// the same 16-bit inputs: elementwise ops and max pooling's forward exactly equal (float32 math,
+// one rounding); max pooling's dx (float32 atomics), batch norm, average pooling and the
+// convolution within 4 units of the format's last place (summation order); each output in the
+// CPU's dtype.
+std::vector<std::pair<std::string, Tensor>> sixteen_bit_ops(DType t, const Device& dev) {
+  auto in = [&](Shape s, uint64_t seed, float scale = 1.0f) {
+    return cast_to(random(std::move(s), seed, scale).to(dev), t);
+  };
+  auto f32 = [&](Shape s, uint64_t seed, float scale = 1.0f) {
+    return random(std::move(s), seed, scale).to(dev);
+  };
+  std::vector<std::pair<std::string, Tensor>> r;
+  const Tensor x = in({2, 8, 9, 9}, 40), x2 = in({2, 8, 9, 9}, 41), dy = in({2, 8, 9, 9}, 42);
+  Tensor a = x.clone();
+  add_relu_(a, x2);
+  Tensor g = dy.clone();
+  relu_backward_(g, a);
+  Tensor b = x.clone();
+  add_(b, x2);
+  relu_(b);
+  r.emplace_back("add_relu_", std::move(a));
+  r.emplace_back("relu_backward_", std::move(g));
+  r.emplace_back("add_ relu_", std::move(b));
+  Tensor mean({8}, DType::F32, dev), var({8}, DType::F32, dev), s1({8}, DType::F32, dev),
+      s2({8}, DType::F32, dev);
+  const Tensor gamma = f32({8}, 43), beta = f32({8}, 44);
+  batchnorm_stats(x, mean, var);
+  Tensor y(x.shape(), t, dev), dx(x.shape(), t, dev);
+  batchnorm_forward(x, mean, var, gamma, beta, 1e-5f, y);
+  batchnorm_backward_reduce(dy, x, mean, var, 1e-5f, s1, s2);
+  batchnorm_backward_data(dy, x, mean, var, gamma, s1, s2, 1e-5f, 162, dx);
+  Tensor ry(x.shape(), t, dev), rdx(x.shape(), t, dev), r1({8}, DType::F32, dev),
+      r2({8}, DType::F32, dev);  // the same with the ReLU fused
+  batchnorm_forward(x, mean, var, gamma, beta, 1e-5f, ry, true);
+  batchnorm_backward_reduce(dy, x, mean, var, 1e-5f, r1, r2, &ry);
+  batchnorm_backward_data(dy, x, mean, var, gamma, r1, r2, 1e-5f, 162, rdx, &ry);
+  r.emplace_back("batchnorm+relu y", std::move(ry));
+  r.emplace_back("batchnorm+relu sum_dy", std::move(r1));
+  r.emplace_back("batchnorm+relu dx", std::move(rdx));
+  r.emplace_back("batchnorm mean", std::move(mean));
+  r.emplace_back("batchnorm var", std::move(var));
+  r.emplace_back("batchnorm y", std::move(y));
+  r.emplace_back("batchnorm sum_dy_xhat", std::move(s2));
+  r.emplace_back("batchnorm dx", std::move(dx));
+  Tensor p({2, 8, 5, 5}, t, dev), pdx(x.shape(), t, dev), avg({2, 8}, DType::F32, dev),
+      adx(x.shape(), t, dev);
+  maxpool2d_forward(x, p, {});
+  maxpool2d_backward(in({2, 8, 5, 5}, 45), x, pdx, {});
+  global_avgpool_forward(x, avg);
+  global_avgpool_backward(f32({2, 8}, 46), adx);
+  r.emplace_back("maxpool y", std::move(p));
+  r.emplace_back("maxpool dx", std::move(pdx));
+  r.emplace_back("avgpool y", std::move(avg));
+  r.emplace_back("avgpool dx", std::move(adx));
+  const Conv2dParams cp{1, 1, t == DType::F16 ? Precision::FP16 : Precision::BF16};
+  const Tensor w = f32({16, 8, 3, 3}, 47, 0.1f);
+  Tensor cy({2, 16, 9, 9}, t, dev), cdx(x.shape(), t, dev), dw = f32(w.shape(), 48);
+  conv2d_forward(x, w, cy, cp);
+  conv2d_backward(in({2, 16, 9, 9}, 49), x, w, &cdx, dw, cp);
+  r.emplace_back("conv y", std::move(cy));
+  r.emplace_back("conv dx", std::move(cdx));
+  r.emplace_back("conv dw", std::move(dw));
+  return r;
+}
+
+TEST(Cuda, SixteenBitActivationKernelsEqualTheCpu) {
+  NEED_GPU();
+  for (const DType t : {DType::F16, DType::BF16}) {
+    const auto cpu = sixteen_bit_ops(t, Device::cpu()), gpu = sixteen_bit_ops(t, kGpu);
+    ASSERT_EQ(cpu.size(), gpu.size());
+    const double ulp = t == DType::F16 ? 9.8e-4 : 7.8e-3;
+    for (size_t i = 0; i < cpu.size(); ++i) {
+      const std::string& name = cpu[i].first;
+      SCOPED_TRACE(std::string(dtype_name(t)) + " " + name);
+      EXPECT_EQ(gpu[i].second.dtype(), cpu[i].second.dtype());
+      const double err = rel_error(gpu[i].second, cpu[i].second);
+      if (name.rfind("add", 0) == 0 || name.rfind("relu", 0) == 0 || name == "maxpool y")
+        EXPECT_EQ(err, 0.0);
+      else
+        EXPECT_LT(err, 4 * ulp);
+      std::printf("[ measured ] %s %s: %.2g\n", dtype_name(t).data(), name.c_str(), err);
+    }
+  }
 }
 
 // Tensor::pinned is page-locked host memory on a GPU machine, and copies through it round trip.

@@ -6,9 +6,12 @@
 #include <limits>
 
 #include "kernels/amp.h"
+#include "kernels/batchnorm.h"
 #include "kernels/conv.h"
 #include "kernels/elementwise.h"
+#include "kernels/pool.h"
 #include "models/arch.h"
+#include "models/layers.h"
 #include "models/optimizer.h"
 #include "models/resnet.h"
 
@@ -350,5 +353,188 @@ TEST(MixedPrecision, ConvolutionPrecisionsRoundOperandsAndOutputs) {
     add_(dw2, part);
     EXPECT_EQ(relative_error(dx, dx2), 0.0);
     EXPECT_EQ(relative_error(dw, dw2), 0.0);
+  }
+}
+
+// fp16 and bf16 training stores activations in 16 bits: every kernel that takes them computes in
+// float32 and rounds what it stores, so an op on 16-bit tensors equals the op on their float32
+// values with its outputs rounded (statistics and sums, float32, exactly equal).
+TEST(MixedPrecision, SixteenBitActivationsAreFloat32MathRoundedAsStored) {
+  Rng rng(11);
+  auto random = [&](Shape s, float scale = 1.0f) {
+    Tensor t(std::move(s));
+    for (int64_t i = 0; i < t.numel(); ++i) t.data<float>()[i] = scale * rng.normal();
+    return t;
+  };
+  for (const DType t : {DType::F16, DType::BF16}) {
+    SCOPED_TRACE(std::string(dtype_name(t)));
+    auto narrow = [&](const Tensor& f) { return cast_to(f, t); };
+    auto widen = [](const Tensor& h) { return cast_to(h, DType::F32); };
+    auto expect_rounded = [&](const Tensor& got, Tensor want, const char* what) {
+      EXPECT_EQ(got.dtype(), t) << what;
+      round_(want, t);
+      EXPECT_EQ(got.to_vector(), want.to_vector()) << what;
+    };
+    const Tensor x = narrow(random({2, 4, 9, 9})), x2 = narrow(random({2, 4, 9, 9}));
+    const Tensor dy = narrow(random({2, 4, 9, 9}));
+    // Elementwise, in place.
+    Tensor a = x.clone(), af = widen(x);
+    add_(a, x2);
+    add_(af, widen(x2));
+    expect_rounded(a, af.clone(), "add_");
+    Tensor b = x.clone(), bf = widen(x);
+    add_relu_(b, x2);
+    add_relu_(bf, widen(x2));
+    expect_rounded(b, bf.clone(), "add_relu_");
+    Tensor g = dy.clone(), gf = widen(dy);
+    relu_backward_(g, b);
+    relu_backward_(gf, widen(b));
+    expect_rounded(g, gf.clone(), "relu_backward_");
+    // Batch norm: statistics, forward, backward sums and dx.
+    Tensor mean({4}), var({4}), mean_f({4}), var_f({4});
+    batchnorm_stats(x, mean, var);
+    batchnorm_stats(widen(x), mean_f, var_f);
+    EXPECT_EQ(mean.to_vector(), mean_f.to_vector());
+    EXPECT_EQ(var.to_vector(), var_f.to_vector());
+    const Tensor gamma = random({4}), beta = random({4});
+    Tensor y(x.shape(), t), yf(x.shape());
+    batchnorm_forward(x, mean, var, gamma, beta, 1e-5f, y);
+    batchnorm_forward(widen(x), mean, var, gamma, beta, 1e-5f, yf);
+    expect_rounded(y, yf.clone(), "batchnorm_forward");
+    Tensor s1({4}), s2({4}), s1f({4}), s2f({4});
+    batchnorm_backward_reduce(dy, x, mean, var, 1e-5f, s1, s2);
+    batchnorm_backward_reduce(widen(dy), widen(x), mean, var, 1e-5f, s1f, s2f);
+    EXPECT_EQ(s1.to_vector(), s1f.to_vector());
+    EXPECT_EQ(s2.to_vector(), s2f.to_vector());
+    Tensor dx(x.shape(), t), dxf(x.shape());
+    batchnorm_backward_data(dy, x, mean, var, gamma, s1, s2, 1e-5f, 162, dx);
+    batchnorm_backward_data(widen(dy), widen(x), mean, var, gamma, s1, s2, 1e-5f, 162, dxf);
+    expect_rounded(dx, dxf.clone(), "batchnorm_backward_data");
+    // Pooling: max pool both ways, average pool (float32 out, 16-bit dx).
+    Tensor p({2, 4, 5, 5}, t), pf({2, 4, 5, 5});
+    maxpool2d_forward(x, p, {});
+    maxpool2d_forward(widen(x), pf, {});
+    expect_rounded(p, pf.clone(), "maxpool2d_forward");
+    const Tensor pdy = narrow(random({2, 4, 5, 5}));
+    Tensor pdx(x.shape(), t), pdxf(x.shape());
+    maxpool2d_backward(pdy, x, pdx, {});
+    maxpool2d_backward(widen(pdy), widen(x), pdxf, {});
+    expect_rounded(pdx, pdxf.clone(), "maxpool2d_backward");
+    Tensor avg({2, 4}), avg_f({2, 4});
+    global_avgpool_forward(x, avg);
+    global_avgpool_forward(widen(x), avg_f);
+    EXPECT_EQ(avg.to_vector(), avg_f.to_vector());
+    const Tensor ady = random({2, 4});
+    Tensor adx(x.shape(), t), adxf(x.shape());
+    global_avgpool_backward(ady, adx);
+    global_avgpool_backward(ady, adxf);
+    expect_rounded(adx, adxf.clone(), "global_avgpool_backward");
+    // Convolution in the matching precision: 16-bit x, y, dy and dx; float32 w and dw.
+    const Conv2dParams cp{1, 1, t == DType::F16 ? Precision::FP16 : Precision::BF16};
+    const Tensor w = random({6, 4, 3, 3}, 0.2f), cdy = narrow(random({2, 6, 9, 9}));
+    Tensor cy({2, 6, 9, 9}, t), cyf({2, 6, 9, 9});
+    conv2d_forward(x, w, cy, cp);
+    conv2d_forward(widen(x), w, cyf, cp);
+    expect_rounded(cy, cyf.clone(), "conv2d_forward");
+    Tensor cdx(x.shape(), t), cdxf(x.shape()), dw = Tensor::zeros(w.shape()),
+                                               dwf = Tensor::zeros(w.shape());
+    conv2d_backward(cdy, x, w, &cdx, dw, cp);
+    conv2d_backward(widen(cdy), widen(x), w, &cdxf, dwf, cp);
+    expect_rounded(cdx, cdxf.clone(), "conv2d_backward dx");
+    EXPECT_EQ(dw.dtype(), DType::F32);
+    EXPECT_EQ(dw.to_vector(), dwf.to_vector());
+  }
+}
+
+// In fp16 and bf16 a network's activations are 16-bit from the first convolution's output to the
+// global average pool's input, both ways; its logits, weights and gradients stay float32.
+TEST(MixedPrecision, NetworksStoreSixteenBitActivations) {
+  Rng rng(12);
+  Tensor x({2, 3, 16, 16});
+  for (int64_t i = 0; i < x.numel(); ++i) x.data<float>()[i] = rng.normal();
+  for (const Precision pr : {Precision::FP16, Precision::BF16}) {
+    const DType t = rounding_of(pr);
+    Conv2d conv(3, 8, 3, 1, 1, rng);
+    BatchNorm2d bn(8);
+    MaxPool2d pool(PoolParams{});
+    for (Module* m : std::vector<Module*>{&conv, &bn, &pool}) m->set_precision(pr);
+    Tensor y = pool.forward(bn.forward(conv.forward(x.clone())));
+    EXPECT_EQ(y.dtype(), t);
+    Tensor dy(y.shape(), t);
+    dy.zero_();
+    Tensor dx = bn.backward(pool.backward(std::move(dy)));
+    EXPECT_EQ(dx.dtype(), t);
+    EXPECT_EQ(conv.backward(std::move(dx)).dtype(), DType::F32);  // the input's dtype
+    EXPECT_EQ(conv.weight.grad.dtype(), DType::F32);
+    auto net = model("resnet18", 10, "small");
+    net->set_precision(pr);
+    Tensor z = net->forward(x.clone());
+    EXPECT_EQ(z.dtype(), DType::F32);
+    Tensor dz = Tensor::full(z.shape(), 0.01f);
+    net->backward(std::move(dz));
+    for (auto& [name, p] : net->named_parameters()) {
+      EXPECT_EQ(p->grad.dtype(), DType::F32) << name;
+      for (float v : p->grad.to_vector()) ASSERT_TRUE(std::isfinite(v)) << name;
+    }
+  }
+}
+
+// What a training forward keeps for backward halves in fp16 and bf16 (host tensor bytes in use
+// after the forward, against before it).
+TEST(MixedPrecision, SixteenBitActivationsHalveTheMemoryKeptForBackward) {
+  Tensor x({8, 3, 32, 32});
+  Rng rng(13);
+  for (int64_t i = 0; i < x.numel(); ++i) x.data<float>()[i] = rng.normal();
+  auto kept = [&](Precision pr) {
+    auto net = model("resnet18", 10, "small");
+    net->set_precision(pr);
+    const int64_t before = host_tensor_memory().in_use;
+    Tensor z = net->forward(x.clone());
+    return host_tensor_memory().in_use - before - int64_t(x.nbytes() + z.nbytes());
+  };
+  const int64_t fp32 = kept(Precision::FP32), fp16 = kept(Precision::FP16),
+                bf16 = kept(Precision::BF16);
+  std::printf("[ measured ] kept for backward: fp32 %lld B, fp16 %lld B, bf16 %lld B\n",
+              static_cast<long long>(fp32), static_cast<long long>(fp16),
+              static_cast<long long>(bf16));
+  EXPECT_GT(fp32, 8 * 64 * 32 * 32 * 4);  // at least the stem's output
+  EXPECT_NEAR(double(fp16) / double(fp32), 0.5, 0.02);
+  EXPECT_EQ(bf16, fp16);
+}
+
+// A batch norm with its ReLU fused gives exactly what the batch norm followed by a ReLU gives,
+// forward and backward (dx and the parameter gradients), on float32 and 16-bit activations.
+TEST(Models, FusedBatchNormReluEqualsBatchNormThenRelu) {
+  Rng rng(14);
+  auto random = [&](Shape s) {
+    Tensor t(std::move(s));
+    for (int64_t i = 0; i < t.numel(); ++i) t.data<float>()[i] = rng.normal();
+    return t;
+  };
+  for (const DType t : {DType::F32, DType::F16}) {
+    SCOPED_TRACE(std::string(dtype_name(t)));
+    const Tensor x = cast_to(random({4, 6, 5, 5}), t), dy = cast_to(random({4, 6, 5, 5}), t);
+    const Tensor gamma = random({6}), beta = random({6});
+    BatchNorm2d fused(6), plain(6);
+    ReLU relu;
+    fused.fuse_relu();
+    for (BatchNorm2d* bn : {&fused, &plain}) {
+      bn->weight.value.copy_from(gamma);
+      bn->bias.value.copy_from(beta);
+    }
+    const Tensor y = fused.forward(x.clone()), want = relu.forward(plain.forward(x.clone()));
+    EXPECT_EQ(y.to_vector(), want.to_vector());
+    int zeros = 0;
+    for (float v : y.to_vector()) zeros += v == 0.0f;
+    EXPECT_GT(zeros, 50);  // the ReLU did something
+    const Tensor dx = fused.backward(dy.clone()),
+                 dx_want = plain.backward(relu.backward(dy.clone()));
+    EXPECT_EQ(dx.to_vector(), dx_want.to_vector());
+    EXPECT_EQ(fused.weight.grad.to_vector(), plain.weight.grad.to_vector());
+    EXPECT_EQ(fused.bias.grad.to_vector(), plain.bias.grad.to_vector());
+    fused.eval();
+    plain.eval();
+    EXPECT_EQ(fused.forward(x.clone()).to_vector(),
+              relu.forward(plain.forward(x.clone())).to_vector());
   }
 }

@@ -1,11 +1,13 @@
 // CPU batch normalisation (math in kernels/batchnorm.h). Per-channel sums run in double so the
-// statistics of large batches keep float32 accuracy; channels are spread over threads.
+// statistics of large batches keep float32 accuracy; channels are spread over threads. 16-bit
+// activations (x, y, dy, dx) are computed on in float32 (on_float32).
 #include "kernels/batchnorm.h"
 
 #include <algorithm>
 #include <cmath>
 
 #include "kernels/cpu/common.h"
+#include "kernels/elementwise.h"
 
 namespace dpt::cpu {
 
@@ -22,6 +24,7 @@ Dims dims(const Tensor& x) {
 }  // namespace
 
 void batchnorm_stats(const Tensor& x, Tensor& mean, Tensor& var) {
+  if (on_float32([&](Tensor& xf) { cpu::batchnorm_stats(xf, mean, var); }, x)) return;
   Dims d = dims(x);
   const float* xp = x.data<float>();
   float *mp = mean.data<float>(), *vp = var.data<float>();
@@ -45,7 +48,13 @@ void batchnorm_stats(const Tensor& x, Tensor& mean, Tensor& var) {
 }
 
 void batchnorm_forward(const Tensor& x, const Tensor& mean, const Tensor& var, const Tensor& gamma,
-                       const Tensor& beta, float eps, Tensor& y) {
+                       const Tensor& beta, float eps, Tensor& y, bool relu) {
+  if (on_float32(
+          [&](Tensor& xf, Tensor& yf) {
+            cpu::batchnorm_forward(xf, mean, var, gamma, beta, eps, yf, relu);
+          },
+          x, y))
+    return;
   Dims d = dims(x);
   const float *xp = x.data<float>(), *mp = mean.data<float>(), *vp = var.data<float>(),
               *gp = gamma.data<float>(), *bp = beta.data<float>();
@@ -57,10 +66,25 @@ void batchnorm_forward(const Tensor& x, const Tensor& mean, const Tensor& var, c
       const float shift = bp[c] - mp[c] * scale;
       const float* in = xp + (n * d.C + c) * d.P;
       float* out = yp + (n * d.C + c) * d.P;
-      for (int64_t p = 0; p < d.P; ++p) out[p] = in[p] * scale + shift;
+      if (relu)
+        for (int64_t p = 0; p < d.P; ++p) {
+          const float v = in[p] * scale + shift;
+          out[p] = v > 0 ? v : 0.0f;
+        }
+      else
+        for (int64_t p = 0; p < d.P; ++p) out[p] = in[p] * scale + shift;
     }
   }
 }
+
+namespace {
+// dy * [relu_y > 0], the gradient behind a fused ReLU.
+Tensor masked(const Tensor& dy, const Tensor& relu_y) {
+  Tensor g = dy.clone();
+  cpu::relu_backward_(g, relu_y);
+  return g;
+}
+}  // namespace
 
 void batchnorm_update_running(Tensor& running_mean, Tensor& running_var, Tensor& batches,
                               const Tensor& mean, const Tensor& var, int64_t count,
@@ -75,8 +99,18 @@ void batchnorm_update_running(Tensor& running_mean, Tensor& running_var, Tensor&
   ++batches.data<int64_t>()[0];
 }
 
-void batchnorm_backward_reduce(const Tensor& dy, const Tensor& x, const Tensor& mean,
-                               const Tensor& var, float eps, Tensor& sum_dy, Tensor& sum_dy_xhat) {
+void batchnorm_backward_reduce(const Tensor& dy, const Tensor* relu_y, const Tensor& x,
+                               const Tensor& mean, const Tensor& var, float eps, Tensor& sum_dy,
+                               Tensor& sum_dy_xhat) {
+  if (relu_y)
+    return cpu::batchnorm_backward_reduce(masked(dy, *relu_y), nullptr, x, mean, var, eps, sum_dy,
+                                          sum_dy_xhat);
+  if (on_float32(
+          [&](Tensor& dyf, Tensor& xf) {
+            cpu::batchnorm_backward_reduce(dyf, nullptr, xf, mean, var, eps, sum_dy, sum_dy_xhat);
+          },
+          dy, x))
+    return;
   Dims d = dims(x);
   const float *gp = dy.data<float>(), *xp = x.data<float>(), *mp = mean.data<float>(),
               *vp = var.data<float>();
@@ -98,9 +132,20 @@ void batchnorm_backward_reduce(const Tensor& dy, const Tensor& x, const Tensor& 
   }
 }
 
-void batchnorm_backward_data(const Tensor& dy, const Tensor& x, const Tensor& mean,
-                             const Tensor& var, const Tensor& gamma, const Tensor& sum_dy,
-                             const Tensor& sum_dy_xhat, float eps, int64_t count, Tensor& dx) {
+void batchnorm_backward_data(const Tensor& dy, const Tensor* relu_y, const Tensor& x,
+                             const Tensor& mean, const Tensor& var, const Tensor& gamma,
+                             const Tensor& sum_dy, const Tensor& sum_dy_xhat, float eps,
+                             int64_t count, Tensor& dx) {
+  if (relu_y)
+    return cpu::batchnorm_backward_data(masked(dy, *relu_y), nullptr, x, mean, var, gamma, sum_dy,
+                                        sum_dy_xhat, eps, count, dx);
+  if (on_float32(
+          [&](Tensor& dyf, Tensor& xf, Tensor& dxf) {
+            cpu::batchnorm_backward_data(dyf, nullptr, xf, mean, var, gamma, sum_dy, sum_dy_xhat,
+                                         eps, count, dxf);
+          },
+          dy, x, dx))
+    return;
   Dims d = dims(x);
   const float *gp = dy.data<float>(), *xp = x.data<float>(), *mp = mean.data<float>(),
               *vp = var.data<float>(), *gam = gamma.data<float>(), *sd = sum_dy.data<float>(),

@@ -117,8 +117,17 @@ const float* unfold(const float* xp, const Geometry& g, int slot) {
   return col;
 }
 
-// A copy of operand t as precision `pr` takes it (kernels/conv.h).
+// Operand t as precision `pr` takes it (kernels/conv.h), in float32: t itself in fp32, 16-bit
+// values widened (rounded again only if the precision's format is the other 16-bit one; TF32
+// holds both exactly), float32 ones rounded in a copy.
 Tensor operand(const Tensor& t, Precision pr) {
+  if (t.dtype() != DType::F32) {
+    Tensor r = float32_of(t);
+    const DType fmt = rounding_of(pr);
+    if (fmt != DType::F32 && fmt != t.dtype()) cpu::round_(r, fmt);
+    return r;
+  }
+  if (pr == Precision::FP32) return t.share();
   Tensor r = t.clone();
   if (pr != Precision::TF32) {
     cpu::round_(r, rounding_of(pr));
@@ -131,21 +140,40 @@ Tensor operand(const Tensor& t, Precision pr) {
   return r;
 }
 
+// Where the float32 result for output t is computed: t itself, or a buffer for a 16-bit t that
+// finish() then rounds into it. finish() rounds a float32 t in place to pr's 16-bit format.
+Tensor result_for(const Tensor& t) {
+  return t.dtype() == DType::F32 ? t.share() : Tensor(t.shape());
+}
+void finish(const Tensor& r, Tensor& t, Precision pr) {
+  if (t.dtype() != DType::F32)
+    cpu::cast(r, t);
+  else if (pr == Precision::FP16 || pr == Precision::BF16)
+    cpu::round_(t, rounding_of(pr));
+}
+
 Conv2dParams in_fp32(Conv2dParams p) {
   p.precision = Precision::FP32;
   return p;
 }
 
+bool all_f32(std::initializer_list<const Tensor*> ts) {
+  for (const Tensor* t : ts)
+    if (t && t->dtype() != DType::F32) return false;
+  return true;
+}
+
 }  // namespace
 
 void conv2d_forward(const Tensor& x, const Tensor& w, Tensor& y, const Conv2dParams& prm) {
-  check_f32_cpu(x, "conv2d x");
-  check_f32_cpu(w, "conv2d w");
-  if (const Precision pr = prm.precision; pr != Precision::FP32) {
-    cpu::conv2d_forward(operand(x, pr), operand(w, pr), y, in_fp32(prm));
-    if (pr != Precision::TF32) cpu::round_(y, rounding_of(pr));
+  if (const Precision pr = prm.precision; pr != Precision::FP32 || !all_f32({&x, &y})) {
+    Tensor r = result_for(y);
+    cpu::conv2d_forward(operand(x, pr), operand(w, pr), r, in_fp32(prm));
+    finish(r, y, pr);
     return;
   }
+  check_f32_cpu(x, "conv2d x");
+  check_f32_cpu(w, "conv2d w");
   const Geometry g = geometry(x, w, prm);
   DPT_ASSERT(y.shape() == Shape({g.N, g.Cout, g.Ho, g.Wo}), "conv2d: bad output shape ",
              shape_str(y.shape()));
@@ -162,19 +190,19 @@ void conv2d_forward(const Tensor& x, const Tensor& w, Tensor& y, const Conv2dPar
 
 void conv2d_backward(const Tensor& dy, const Tensor& x, const Tensor& w, Tensor* dx, Tensor& dw,
                      const Conv2dParams& prm) {
-  check_f32_cpu(dy, "conv2d dy");
-  check_f32_cpu(dw, "conv2d dw");
-  if (const Precision pr = prm.precision; pr != Precision::FP32) {
-    // This call's contribution, rounded before it is added.
-    Tensor g = Tensor::zeros(dw.shape(), DType::F32, dw.device());
-    cpu::conv2d_backward(operand(dy, pr), operand(x, pr), operand(w, pr), dx, g, in_fp32(prm));
-    if (pr != Precision::TF32) {
-      if (dx) cpu::round_(*dx, rounding_of(pr));
-      cpu::round_(g, rounding_of(pr));
-    }
-    cpu::add_(dw, g);
+  if (const Precision pr = prm.precision; pr != Precision::FP32 || !all_f32({&dy, &x, dx})) {
+    // dw's part from this call, rounded to the format before it is added.
+    Tensor part = Tensor::zeros(dw.shape(), DType::F32, dw.device()), r;
+    if (dx) r = result_for(*dx);
+    cpu::conv2d_backward(operand(dy, pr), operand(x, pr), operand(w, pr), dx ? &r : nullptr, part,
+                         in_fp32(prm));
+    if (dx) finish(r, *dx, pr);
+    finish(part, part, pr);
+    cpu::add_(dw, part);
     return;
   }
+  check_f32_cpu(dy, "conv2d dy");
+  check_f32_cpu(dw, "conv2d dw");
   const Geometry g = geometry(x, w, prm);
   DPT_ASSERT(dy.shape() == Shape({g.N, g.Cout, g.Ho, g.Wo}) && dw.shape() == w.shape(),
              "conv2d backward: bad shapes");

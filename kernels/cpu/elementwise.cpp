@@ -1,4 +1,5 @@
-// CPU elementwise ops (math in kernels/elementwise.h); all in place, split over threads.
+// CPU elementwise ops (math in kernels/elementwise.h); all in place, split over threads; 16-bit
+// operands are computed on in float32 and rounded back (on_float32).
 #include "kernels/elementwise.h"
 
 #include "kernels/cpu/common.h"
@@ -20,15 +21,19 @@ void each(Tensor& y, const Tensor* x, F f) {
 }  // namespace
 
 void relu_(Tensor& x) {
+  if (on_float32([](Tensor& f) { cpu::relu_(f); }, x)) return;
   each(x, nullptr, [](float v, float) { return v > 0 ? v : 0.0f; });
 }
 void relu_backward_(Tensor& g, const Tensor& y) {
+  if (on_float32([](Tensor& gf, Tensor& yf) { cpu::relu_backward_(gf, yf); }, g, y)) return;
   each(g, &y, [](float gv, float yv) { return yv > 0 ? gv : 0.0f; });
 }
 void add_(Tensor& y, const Tensor& x) {
+  if (on_float32([](Tensor& yf, Tensor& xf) { cpu::add_(yf, xf); }, y, x)) return;
   each(y, &x, [](float a, float b) { return a + b; });
 }
 void add_relu_(Tensor& y, const Tensor& x) {
+  if (on_float32([](Tensor& yf, Tensor& xf) { cpu::add_relu_(yf, xf); }, y, x)) return;
   each(y, &x, [](float a, float b) { return a + b > 0 ? a + b : 0.0f; });
 }
 

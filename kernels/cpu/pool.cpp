@@ -1,4 +1,5 @@
-// CPU max pooling and global average pooling (math in kernels/pool.h).
+// CPU max pooling and global average pooling (math in kernels/pool.h); 16-bit activations are
+// computed on in float32 (on_float32).
 #include "kernels/pool.h"
 
 #include <cstring>
@@ -37,6 +38,7 @@ void for_each_window(const float* plane, int64_t H, int64_t W, int64_t Ho, int64
 }  // namespace
 
 void maxpool2d_forward(const Tensor& x, Tensor& y, const PoolParams& p) {
+  if (on_float32([&](Tensor& xf, Tensor& yf) { cpu::maxpool2d_forward(xf, yf, p); }, x, y)) return;
   check_f32_cpu(x, "maxpool x");
   const int64_t NC = x.dim(0) * x.dim(1), H = x.dim(2), W = x.dim(3), Ho = y.dim(2), Wo = y.dim(3);
   const float* xp = x.data<float>();
@@ -50,6 +52,10 @@ void maxpool2d_forward(const Tensor& x, Tensor& y, const PoolParams& p) {
 }
 
 void maxpool2d_backward(const Tensor& dy, const Tensor& x, Tensor& dx, const PoolParams& p) {
+  if (on_float32(
+          [&](Tensor& dyf, Tensor& xf, Tensor& dxf) { cpu::maxpool2d_backward(dyf, xf, dxf, p); },
+          dy, x, dx))
+    return;
   const int64_t NC = x.dim(0) * x.dim(1), H = x.dim(2), W = x.dim(3), Ho = dy.dim(2),
                 Wo = dy.dim(3);
   const float *xp = x.data<float>(), *gp = dy.data<float>();
@@ -65,6 +71,7 @@ void maxpool2d_backward(const Tensor& dy, const Tensor& x, Tensor& dx, const Poo
 }
 
 void global_avgpool_forward(const Tensor& x, Tensor& y) {
+  if (on_float32([](Tensor& xf, Tensor& yf) { cpu::global_avgpool_forward(xf, yf); }, x, y)) return;
   check_f32_cpu(x, "avgpool x");
   const int64_t NC = x.dim(0) * x.dim(1), P = x.dim(2) * x.dim(3);
   const float* xp = x.data<float>();
@@ -78,6 +85,8 @@ void global_avgpool_forward(const Tensor& x, Tensor& y) {
 }
 
 void global_avgpool_backward(const Tensor& dy, Tensor& dx) {
+  if (on_float32([](Tensor& dyf, Tensor& dxf) { cpu::global_avgpool_backward(dyf, dxf); }, dy, dx))
+    return;
   const int64_t NC = dx.dim(0) * dx.dim(1), P = dx.dim(2) * dx.dim(3);
   const float* gp = dy.data<float>();
   float* dxp = dx.data<float>();

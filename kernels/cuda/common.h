@@ -8,10 +8,13 @@
 #pragma once
 
 #include <cublas_v2.h>
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
 #include <cudnn.h>
 
 #include <cstdint>
 #include <initializer_list>
+#include <type_traits>
 
 #include "core/cuda_check.h"
 #include "core/tensor.h"
@@ -66,6 +69,62 @@ inline void check_f32_cuda(const Tensor& t, const char* what) {
   DPT_ASSERT(t.defined() && t.dtype() == DType::F32 && t.device().is_cuda(), what,
              " must be a defined float32 cuda tensor");
 }
+// Activations are float32, or 16-bit when a model trains in fp16/bf16 (kernels/amp.h). Kernels
+// templated on the element type T load them as float (ld), compute in float and round to nearest
+// even as they store (st<T>); with_type(dtype, f) calls f(Type<T>{}) for the dtype's T.
+#ifdef __CUDACC__
+__device__ inline float ld(float v) {
+  return v;
+}
+__device__ inline float ld(__half v) {
+  return __half2float(v);
+}
+__device__ inline float ld(__nv_bfloat16 v) {
+  return __bfloat162float(v);
+}
+template <typename T>
+__device__ inline T st(float v) {
+  if constexpr (std::is_same_v<T, __half>)
+    return __float2half_rn(v);
+  else if constexpr (std::is_same_v<T, __nv_bfloat16>)
+    return __float2bfloat16_rn(v);
+  else
+    return v;
+}
+#endif
+template <typename T>
+struct Type {
+  using type = T;
+};
+template <typename F>
+void with_type(DType t, F&& f) {
+  switch (t) {
+    case DType::F32:
+      return f(Type<float>{});
+    case DType::F16:
+      return f(Type<__half>{});
+    case DType::BF16:
+      return f(Type<__nv_bfloat16>{});
+    default:
+      DPT_ASSERT(false, "not a floating-point dtype: ", dtype_name(t));
+  }
+}
+template <typename T>
+T* ptr(const Tensor& t) {
+  return static_cast<T*>(t.raw());
+}
+// Every operand a float32, float16 or bfloat16 tensor of the first one's dtype and device.
+inline void check_activations(const char* op, std::initializer_list<const Tensor*> ts) {
+  const Tensor* first = *ts.begin();
+  for (const Tensor* t : ts) {
+    DPT_ASSERT(
+        t->defined() && t->device().is_cuda() && t->device() == first->device() &&
+            t->dtype() == first->dtype() &&
+            (t->dtype() == DType::F32 || t->dtype() == DType::F16 || t->dtype() == DType::BF16),
+        op, ": operands must be float tensors of one dtype on one cuda device");
+  }
+}
+
 // Every operand a float32 tensor on the first one's device.
 inline void check_operands(const char* op, std::initializer_list<const Tensor*> ts) {
   const Tensor* first = *ts.begin();

@@ -1,12 +1,13 @@
 // CUDA convolution on cuDNN (math in kernels/conv.h): forward, backward-data (dx overwritten,
 // skipped when null) and backward-filter (dw accumulated). The precision (kernels/conv.h) picks
 // cuDNN's math: FP32 its FMA math (no TF32), comparable with the CPU engine; TF32 its default
-// math (tensor cores on Ampere and later); FP16 and BF16 tensor-core math on 16-bit copies of the
-// operands with float32 sums (cuDNN's pseudo-half configurations), their 16-bit outputs cast
-// back to float32 (dw: added). The descriptors and the algorithm of each shape and math are
-// made once (the algorithm by cuDNN's heuristics: the fastest deterministic one that fits the
-// workspace limit) and cached per thread; the workspace is a per-thread, per-device buffer that
-// grows as needed.
+// math (tensor cores on Ampere and later); FP16 and BF16 tensor-core math with float32 sums
+// (cuDNN's pseudo-half configurations) on 16-bit operands: the activations themselves when they
+// are stored in 16 bits (x, y, dy, dx), else 16-bit copies cast back afterwards; the weights
+// through a 16-bit copy, dw's 16-bit part added to it. The descriptors and the algorithm of each
+// shape and math are made once (the algorithm by cuDNN's heuristics: the fastest deterministic one
+// that fits the workspace limit) and cached per thread; the workspace is a per-thread, per-device
+// buffer that grows as needed.
 #include <array>
 #include <map>
 #include <memory>
@@ -63,17 +64,28 @@ Key key_of(const Tensor& x, const Tensor& w, const Conv2dParams& p) {
           w.dim(2),         w.dim(3), p.stride, p.pad,    int(p.precision)};
 }
 
-// What cuDNN reads for operand t in format fmt (F32: t itself; F16/BF16: a copy kept in `copy`),
-// and where it writes an output of t's shape (a 16-bit `copy` to cast back afterwards).
+// What cuDNN reads for operand t in format fmt (t itself if it has that dtype, else a converted
+// copy kept in `copy`), and where it writes an output t (t itself if it has that dtype, else a
+// `copy` to cast into t afterwards).
 const void* input_of(const Tensor& t, DType fmt, Tensor& copy) {
-  if (fmt == DType::F32) return t.raw();
+  if (t.dtype() == fmt) return t.raw();
   copy = dpt::cast_to(t, fmt);
   return copy.raw();
 }
 void* output_of(Tensor& t, DType fmt, Tensor& copy) {
-  if (fmt == DType::F32) return t.raw();
+  if (t.dtype() == fmt) return t.raw();
   copy = Tensor(t.shape(), fmt, t.device());
   return copy.raw();
+}
+
+// The activations float32 or 16-bit, each on the weight's device (float32).
+void check(const char* op, std::initializer_list<const Tensor*> acts, const Tensor& w) {
+  check_operands(op, {&w});
+  for (const Tensor* a : acts) {
+    check_activations(op, {a});
+    DPT_ASSERT(a->device() == w.device(), op, ": operands on ", a->device().str(), " and ",
+               w.device().str());
+  }
 }
 
 // The algorithm of each direction, chosen when first needed (the stem never needs
@@ -163,7 +175,7 @@ void* workspace(int dev, size_t bytes) {
 }  // namespace
 
 void conv2d_forward(const Tensor& x, const Tensor& w, Tensor& y, const Conv2dParams& p) {
-  check_operands("conv2d_forward", {&x, &w, &y});
+  check("conv2d_forward", {&x, &y}, w);
   Handles& h = handles_for(x);
   Plan& plan = plan_for(x, w, y, p);
   const Descriptors& d = *plan.d;
@@ -180,8 +192,9 @@ void conv2d_forward(const Tensor& x, const Tensor& w, Tensor& y, const Conv2dPar
 
 void conv2d_backward(const Tensor& dy, const Tensor& x, const Tensor& w, Tensor* dx, Tensor& dw,
                      const Conv2dParams& p) {
-  check_operands("conv2d_backward", {&x, &dy, &w, &dw});
-  if (dx) check_operands("conv2d_backward", {&x, dx});
+  check("conv2d_backward", {&x, &dy}, w);
+  check_operands("conv2d_backward", {&w, &dw});
+  if (dx) check("conv2d_backward", {dx}, w);
   Handles& h = handles_for(x);
   Plan& plan = plan_for(x, w, dy, p);
   const Descriptors& d = *plan.d;

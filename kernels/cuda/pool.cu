@@ -1,13 +1,17 @@
 // CUDA max pooling and global average pooling (math in kernels/pool.h). Max pooling picks the
 // first maximal element of each window (NaN wins), as the CPU engine and PyTorch do; its
-// backward zeroes dx and adds each dy to its window's argmax (atomically: windows overlap).
+// backward zeroes dx and adds each dy to its window's argmax (atomically: windows overlap; in
+// float32, then rounded once for a 16-bit dx). The activations are float32 or 16-bit (max pool:
+// x, y, dy, dx of one dtype; average pool: x and dx, its y and dy float32).
+#include "kernels/amp.h"
 #include "kernels/cuda/common.h"
 #include "kernels/pool.h"
 
 namespace dpt::cuda {
 namespace {
 
-__device__ int64_t window_argmax(const float* plane, int64_t H, int64_t W, int64_t i, int64_t j,
+template <typename T>
+__device__ int64_t window_argmax(const T* plane, int64_t H, int64_t W, int64_t i, int64_t j,
                                  PoolParams p) {
   float best = 0;
   int64_t arg = -1;
@@ -17,94 +21,110 @@ __device__ int64_t window_argmax(const float* plane, int64_t H, int64_t W, int64
     for (int b = 0; b < p.kernel; ++b) {
       const int64_t w = j * p.stride - p.pad + b;
       if (w < 0 || w >= W) continue;
-      const float v = plane[h * W + w];
+      const float v = ld(plane[h * W + w]);
       if (arg < 0 || v > best || v != v) best = v, arg = h * W + w;
     }
   }
   return arg;
 }
 
-__global__ void maxpool_fwd(const float* x, float* y, int64_t NC, int64_t H, int64_t W, int64_t Ho,
+template <typename T>
+__global__ void maxpool_fwd(const T* x, T* y, int64_t NC, int64_t H, int64_t W, int64_t Ho,
                             int64_t Wo, PoolParams p) {
   const int64_t total = NC * Ho * Wo;
   for (int64_t o = int64_t(blockIdx.x) * blockDim.x + threadIdx.x; o < total;
        o += int64_t(gridDim.x) * blockDim.x) {
     const int64_t q = o / (Ho * Wo), ij = o % (Ho * Wo);
-    const float* plane = x + q * H * W;
+    const T* plane = x + q * H * W;
     y[o] = plane[window_argmax(plane, H, W, ij / Wo, ij % Wo, p)];
   }
 }
 
-__global__ void maxpool_bwd(const float* dy, const float* x, float* dx, int64_t NC, int64_t H,
-                            int64_t W, int64_t Ho, int64_t Wo, PoolParams p) {
+template <typename T>
+__global__ void maxpool_bwd(const T* dy, const T* x, float* dx, int64_t NC, int64_t H, int64_t W,
+                            int64_t Ho, int64_t Wo, PoolParams p) {
   const int64_t total = NC * Ho * Wo;
   for (int64_t o = int64_t(blockIdx.x) * blockDim.x + threadIdx.x; o < total;
        o += int64_t(gridDim.x) * blockDim.x) {
     const int64_t q = o / (Ho * Wo), ij = o % (Ho * Wo);
     const int64_t arg = window_argmax(x + q * H * W, H, W, ij / Wo, ij % Wo, p);
-    atomicAdd(dx + q * H * W + arg, dy[o]);
+    atomicAdd(dx + q * H * W + arg, ld(dy[o]));
   }
 }
 
 // One warp per plane (grid-stride over planes, warp-uniform): y[q] = mean of its P values.
-__global__ void avgpool_fwd(const float* x, float* y, int64_t NC, int64_t P) {
+template <typename T>
+__global__ void avgpool_fwd(const T* x, float* y, int64_t NC, int64_t P) {
   const int lane = threadIdx.x % 32;
   for (int64_t q = (int64_t(blockIdx.x) * blockDim.x + threadIdx.x) / 32; q < NC;
        q += int64_t(gridDim.x) * blockDim.x / 32) {
     float s = 0;
-    for (int64_t i = lane; i < P; i += 32) s += x[q * P + i];
+    for (int64_t i = lane; i < P; i += 32) s += ld(x[q * P + i]);
     for (int off = 16; off > 0; off /= 2) s += __shfl_down_sync(0xffffffffu, s, off);
     if (lane == 0) y[q] = s / float(P);
   }
 }
 
-__global__ void avgpool_bwd(const float* dy, float* dx, int64_t NC, int64_t P) {
+template <typename T>
+__global__ void avgpool_bwd(const float* dy, T* dx, int64_t NC, int64_t P) {
   for (int64_t i = int64_t(blockIdx.x) * blockDim.x + threadIdx.x; i < NC * P;
        i += int64_t(gridDim.x) * blockDim.x)
-    dx[i] = dy[i / P] / float(P);
+    dx[i] = st<T>(dy[i / P] / float(P));
 }
 
 }  // namespace
 
 void maxpool2d_forward(const Tensor& x, Tensor& y, const PoolParams& p) {
-  check_f32_cuda(x, "maxpool x");
-  check_f32_cuda(y, "maxpool y");
+  check_activations("maxpool2d_forward", {&x, &y});
   const int64_t NC = x.dim(0) * x.dim(1), Ho = y.dim(2), Wo = y.dim(3);
   DPT_CUDA(cudaSetDevice(x.device().index));
-  maxpool_fwd<<<blocks_for(NC * Ho * Wo), kThreads, 0, cudaStreamPerThread>>>(
-      x.data<float>(), y.data<float>(), NC, x.dim(2), x.dim(3), Ho, Wo, p);
+  with_type(x.dtype(), [&](auto type) {
+    using T = typename decltype(type)::type;
+    maxpool_fwd<<<blocks_for(NC * Ho * Wo), kThreads, 0, cudaStreamPerThread>>>(
+        ptr<const T>(x), ptr<T>(y), NC, x.dim(2), x.dim(3), Ho, Wo, p);
+  });
   check_launch("maxpool2d_forward");
 }
 
 void maxpool2d_backward(const Tensor& dy, const Tensor& x, Tensor& dx, const PoolParams& p) {
-  check_f32_cuda(x, "maxpool x");
-  check_f32_cuda(dy, "maxpool dy");
-  check_f32_cuda(dx, "maxpool dx");
+  check_activations("maxpool2d_backward", {&x, &dy, &dx});
   const int64_t NC = x.dim(0) * x.dim(1), Ho = dy.dim(2), Wo = dy.dim(3);
   DPT_CUDA(cudaSetDevice(x.device().index));
-  DPT_CUDA(cudaMemsetAsync(dx.data<float>(), 0, dx.nbytes(), cudaStreamPerThread));
-  maxpool_bwd<<<blocks_for(NC * Ho * Wo), kThreads, 0, cudaStreamPerThread>>>(
-      dy.data<float>(), x.data<float>(), dx.data<float>(), NC, x.dim(2), x.dim(3), Ho, Wo, p);
+  // The sums run in float32: into dx itself, or into a float32 buffer cast to dx afterwards.
+  Tensor sums = dx.dtype() == DType::F32 ? dx.share() : Tensor(dx.shape(), DType::F32, dx.device());
+  DPT_CUDA(cudaMemsetAsync(sums.raw(), 0, sums.nbytes(), cudaStreamPerThread));
+  with_type(x.dtype(), [&](auto type) {
+    using T = typename decltype(type)::type;
+    maxpool_bwd<<<blocks_for(NC * Ho * Wo), kThreads, 0, cudaStreamPerThread>>>(
+        ptr<const T>(dy), ptr<const T>(x), sums.data<float>(), NC, x.dim(2), x.dim(3), Ho, Wo, p);
+  });
   check_launch("maxpool2d_backward");
+  if (!sums.same_storage(dx)) cuda::cast(sums, dx);
 }
 
 void global_avgpool_forward(const Tensor& x, Tensor& y) {
-  check_f32_cuda(x, "avgpool x");
-  check_f32_cuda(y, "avgpool y");
+  check_activations("global_avgpool_forward", {&x});
+  check_operands("global_avgpool_forward", {&y});
   const int64_t NC = x.dim(0) * x.dim(1), P = x.dim(2) * x.dim(3);
   DPT_CUDA(cudaSetDevice(x.device().index));
-  avgpool_fwd<<<blocks_for(NC * 32), kThreads, 0, cudaStreamPerThread>>>(x.data<float>(),
-                                                                         y.data<float>(), NC, P);
+  with_type(x.dtype(), [&](auto type) {
+    using T = typename decltype(type)::type;
+    avgpool_fwd<<<blocks_for(NC * 32), kThreads, 0, cudaStreamPerThread>>>(ptr<const T>(x),
+                                                                           y.data<float>(), NC, P);
+  });
   check_launch("global_avgpool_forward");
 }
 
 void global_avgpool_backward(const Tensor& dy, Tensor& dx) {
-  check_f32_cuda(dx, "avgpool dx");
-  check_f32_cuda(dy, "avgpool dy");
+  check_activations("global_avgpool_backward", {&dx});
+  check_operands("global_avgpool_backward", {&dy});
   const int64_t NC = dx.dim(0) * dx.dim(1), P = dx.dim(2) * dx.dim(3);
   DPT_CUDA(cudaSetDevice(dx.device().index));
-  avgpool_bwd<<<blocks_for(NC * P), kThreads, 0, cudaStreamPerThread>>>(dy.data<float>(),
-                                                                        dx.data<float>(), NC, P);
+  with_type(dx.dtype(), [&](auto type) {
+    using T = typename decltype(type)::type;
+    avgpool_bwd<<<blocks_for(NC * P), kThreads, 0, cudaStreamPerThread>>>(dy.data<float>(),
+                                                                          ptr<T>(dx), NC, P);
+  });
   check_launch("global_avgpool_backward");
 }
 
