@@ -148,6 +148,11 @@ int run(int argc, char** argv, const dpt::MpiRuntime* mpi) {
       ->capture_default_str();
   train->add_option("--loss-scale", cfg.loss_scale, "fp16: the initial dynamic loss scale")
       ->capture_default_str();
+  train
+      ->add_option("--channels-last", cfg.channels_last,
+                   "activations in channels-last order: on, off, or auto (on for fp16/bf16 on "
+                   "GPUs, for cuDNN's tensor-core convolutions)")
+      ->capture_default_str();
   train->add_flag("--augment", cfg.augment, "random crop + horizontal flip");
   train->add_option("--seed", cfg.seed, "seed for weights, shuffling and augmentation")
       ->capture_default_str();

@@ -352,6 +352,12 @@ TrainResult train(TrainConfig cfg) {
   const BnMode bn_mode = parse_bn_mode(cfg.bn);
   const Precision precision = parse_precision(cfg.precision);
   const bool fp16 = precision == Precision::FP16;
+  DPT_CHECK(cfg.channels_last == "auto" || cfg.channels_last == "on" || cfg.channels_last == "off",
+            UsageError, "unknown --channels-last '", cfg.channels_last,
+            "': expected auto, on or off");
+  const bool channels_last =
+      cfg.channels_last == "on" || (cfg.channels_last == "auto" && dev.is_cuda() &&
+                                    (precision == Precision::FP16 || precision == Precision::BF16));
   GradScaler scaler(cfg.loss_scale);
   if (cfg.threads > 0) omp_set_num_threads(cfg.threads);
   const LrSchedule::Kind schedule_kind = LrSchedule::parse(cfg.lr_schedule);
@@ -384,6 +390,7 @@ TrainResult train(TrainConfig cfg) {
   }
   // After wrapping: DataParallel passes it on to every replica.
   model->set_precision(precision);
+  model->set_channels_last(channels_last);
   model->train();
   res.parameters = model->num_parameters();
   int64_t step = 0;

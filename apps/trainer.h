@@ -52,6 +52,9 @@ struct TrainConfig {
   // round to 16 bits over fp32 master weights (kernels/amp.h); fp16 adds dynamic loss scaling
   // from loss_scale.
   std::string precision = "fp32";
+  // Activations channels-last (Module::set_channels_last): on, off, or auto (on for fp16 and
+  // bf16 on GPUs, where cuDNN's tensor-core convolutions want it).
+  std::string channels_last = "auto";
   float loss_scale = 65536.0f;
   bool augment = false;  // random crop (pad 2 on 28x28, 4 otherwise) + horizontal flip; image
                          // folders always use RandomResizedCrop + flip when training

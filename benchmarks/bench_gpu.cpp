@@ -62,6 +62,8 @@ int main(int argc, char** argv) {
       model->to(gpu);
     }
     model->set_precision(dpt::parse_precision(precision));
+    // As dptrain train --channels-last auto: channels-last activations in fp16 and bf16.
+    model->set_channels_last(precision == "fp16" || precision == "bf16");
     const int replicas = dp ? dp->num_replicas() : 1;
     dpt::GradScaler scaler;
     model->train();

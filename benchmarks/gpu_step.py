@@ -101,7 +101,7 @@ def main():
     emit(f"{args.model}, batch {args.batch}, 224x224, {args.steps} timed steps after 3; {gpu}; "
          f"PyTorch {torch.__version__} (fp16/bf16: autocast + channels_last, GradScaler for "
          f"fp16). dptrain's fp16/bf16 store the activations in 16 bits and run the "
-         f"convolutions on tensor cores (float32 sums), NCHW; tf32 switches cuDNN to its "
+         f"convolutions on tensor cores (float32 sums), channels-last; tf32 switches cuDNN to its "
          f"tensor-core math for float32. Peak memory over the timed steps, from each "
          f"side's caching allocator: allocated = in tensors (PyTorch's max_memory_allocated), "
          f"reserved = held from the driver (max_memory_reserved). Ours with cuDNN workspaces "

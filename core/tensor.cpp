@@ -191,14 +191,23 @@ Tensor Tensor::share() const {
   t.shape_ = shape_;
   t.numel_ = numel_;
   t.dtype_ = dtype_;
+  t.channels_last_ = channels_last_;
   t.offset_ = offset_;
   t.storage_ = storage_;
   return t;
 }
 
+Tensor& Tensor::set_channels_last(bool on) {
+  DPT_ASSERT(!on || shape_.size() == 4, "channels-last needs a 4-D tensor, not ",
+             shape_str(shape_));
+  channels_last_ = on;
+  return *this;
+}
+
 Tensor Tensor::reshape(Shape shape) const {
   DPT_CHECK(shape_numel(shape) == numel_, ConfigError, "cannot reshape ", shape_str(shape_), " to ",
             shape_str(shape));
+  DPT_ASSERT(!channels_last_, "reshape of a channels-last tensor");
   Tensor t = share();
   t.shape_ = std::move(shape);
   return t;
@@ -208,6 +217,7 @@ Tensor Tensor::view(int64_t start, Shape shape) const {
   const int64_t n = shape_numel(shape);
   DPT_ASSERT(defined() && start >= 0 && n <= numel_ - start, "view of ", n, " elements at ", start,
              " in a tensor of ", numel_);
+  DPT_ASSERT(!channels_last_, "view of a channels-last tensor");
   Tensor t = share();
   t.shape_ = std::move(shape);
   t.numel_ = n;
@@ -218,6 +228,7 @@ Tensor Tensor::view(int64_t start, Shape shape) const {
 Tensor Tensor::to(const Device& d) const {
   DPT_ASSERT(defined(), "to() on an undefined tensor");
   Tensor t(shape_, dtype_, d);
+  t.channels_last_ = channels_last_;
   t.copy_from(*this);
   return t;
 }
@@ -227,6 +238,7 @@ Tensor Tensor::to(DType target) const {
   if (target == dtype_) return clone();
   std::vector<float> v = to_vector();
   Tensor t(shape_, target, Device::cpu());
+  t.channels_last_ = channels_last_;
   for (int64_t i = 0; i < numel_; ++i) {
     switch (target) {
       case DType::F32:
@@ -250,6 +262,7 @@ void Tensor::copy_from(const Tensor& src) {
   DPT_CHECK(src.shape_ == shape_ && src.dtype_ == dtype_, ConfigError,
             "copy_from: ", shape_str(src.shape_), " ", dtype_name(src.dtype_), " into ",
             shape_str(shape_), " ", dtype_name(dtype_));
+  DPT_ASSERT(src.channels_last_ == channels_last_, "copy_from between memory formats: use cast");
   if (src.raw() == raw()) return;
   device_copy(device(), raw(), src.device(), src.raw(), nbytes());
 }

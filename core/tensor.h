@@ -92,6 +92,12 @@ class Tensor {
   int64_t numel() const { return numel_; }
   size_t nbytes() const { return size_t(numel_) * dtype_size(dtype_); }
   DType dtype() const { return dtype_; }
+  // Channels-last (PyTorch's memory format of that name): a 4-D tensor of logical shape
+  // [N, C, H, W] whose values are stored in N, H, W, C order, as tensor-core convolutions want
+  // their activations. Metadata only: set it on a tensor about to be written in that order.
+  // share() and clone() keep it; to_vector() gives the values in storage order.
+  bool channels_last() const { return channels_last_; }
+  Tensor& set_channels_last(bool on);
   const Device& device() const;
   bool same_storage(const Tensor& o) const { return storage_ == o.storage_; }
   // No other handle shares this tensor's storage (a buffer that can be reused).
@@ -120,6 +126,7 @@ class Tensor {
   Shape shape_;
   int64_t numel_ = 0;
   DType dtype_ = DType::F32;
+  bool channels_last_ = false;
   size_t offset_ = 0;  // bytes into storage_
   std::shared_ptr<Storage> storage_;
 };

@@ -6,8 +6,9 @@
 //   scale_check_(ts, factor):  t = t * factor for every t in ts; returns whether any value of any
 //                              t was inf or NaN before scaling (GradScaler's found_inf)
 //   cast(src, dst):            dst = src in dst's dtype, between any of F32, F16 and BF16
-//                              (rounding as round_; exact from 16 bits to 32), same shape and
-//                              device
+//                              (rounding as round_; exact from 16 bits to 32), and in dst's
+//                              memory format (channels-last or not: Tensor::channels_last),
+//                              same shape and device
 //
 // fp16 and bf16 training stores the activations in 16 bits from the first convolution's output
 // to the global average pool's input (the kernels take them in either format and compute in
@@ -68,9 +69,10 @@ inline bool scale_check_(const std::vector<Tensor*>& ts, float factor) {
 inline void cast(const Tensor& src, Tensor& dst) {
   DPT_ON_DEVICE(src.device(), cast, src, dst);
 }
-// A copy of t in dtype d (F32, F16 or BF16), on t's device.
-inline Tensor cast_to(const Tensor& t, DType d) {
+// A copy of t in dtype d (F32, F16 or BF16) and in channels-last order or not, on t's device.
+inline Tensor cast_to(const Tensor& t, DType d, bool channels_last = false) {
   Tensor out(t.shape(), d, t.device());
+  out.set_channels_last(channels_last);
   cast(t, out);
   return out;
 }

@@ -77,6 +77,7 @@ Tensor Conv2d::forward(Tensor x) {
   Tensor y({x.dim(0), w.dim(0), conv_out_size(x.dim(2), w.dim(2), p_.stride, p_.pad),
             conv_out_size(x.dim(3), w.dim(3), p_.stride, p_.pad)},
            rounding_of(precision()), x.device());
+  y.set_channels_last(channels_last());
   conv2d_forward(x, w, y, params());
   if (is_training()) x_ = std::move(x);
   return y;
@@ -85,7 +86,10 @@ Tensor Conv2d::forward(Tensor x) {
 Tensor Conv2d::backward(Tensor dy) {
   DPT_ASSERT(x_.defined(), "Conv2d::backward without a training-mode forward");
   Tensor dx;
-  if (input_grad_) dx = Tensor(x_.shape(), x_.dtype(), x_.device());
+  if (input_grad_) {
+    dx = Tensor(x_.shape(), x_.dtype(), x_.device());
+    dx.set_channels_last(x_.channels_last());
+  }
   conv2d_backward(dy, x_, weight.value, input_grad_ ? &dx : nullptr, weight.grad, params());
   grads_ready();
   release();
@@ -101,8 +105,17 @@ BatchNorm2d::BatchNorm2d(int64_t c, float eps, float momentum)
       eps_(eps),
       momentum_(momentum) {}
 
+namespace {
+// Outputs and gradients take the input's dtype and layout.
+Tensor like(const Tensor& t) {
+  Tensor r(t.shape(), t.dtype(), t.device());
+  r.set_channels_last(t.channels_last());
+  return r;
+}
+}  // namespace
+
 Tensor BatchNorm2d::forward(Tensor x) {
-  Tensor y(x.shape(), x.dtype(), x.device());
+  Tensor y = like(x);
   if (!is_training()) {
     batchnorm_forward(x, running_mean, running_var, weight.value, bias.value, eps_, y, relu_);
     return y;
@@ -136,7 +149,7 @@ Tensor BatchNorm2d::backward(Tensor dy) {
   add_(bias.grad, sum_dy);
   grads_ready();
   if (sync_) sync_->reduce_grad_sums(sum_dy, sum_dy_xhat);
-  Tensor dx(x_.shape(), x_.dtype(), x_.device());
+  Tensor dx = like(x_);
   batchnorm_backward_data(dy, x_, mean_, var_, weight.value, sum_dy, sum_dy_xhat, eps_, count_, dx,
                           relu_y);
   release();
@@ -166,13 +179,14 @@ Tensor MaxPool2d::forward(Tensor x) {
   Tensor y({x.dim(0), x.dim(1), conv_out_size(x.dim(2), p_.kernel, p_.stride, p_.pad),
             conv_out_size(x.dim(3), p_.kernel, p_.stride, p_.pad)},
            x.dtype(), x.device());
+  y.set_channels_last(x.channels_last());
   maxpool2d_forward(x, y, p_);
   if (is_training()) x_ = std::move(x);
   return y;
 }
 
 Tensor MaxPool2d::backward(Tensor dy) {
-  Tensor dx(x_.shape(), x_.dtype(), x_.device());
+  Tensor dx = like(x_);
   maxpool2d_backward(dy, x_, dx, p_);
   release();
   return dx;
@@ -183,12 +197,14 @@ Tensor GlobalAvgPool::forward(Tensor x) {
   global_avgpool_forward(x, y);
   in_shape_ = x.shape();
   in_dtype_ = x.dtype();
+  in_channels_last_ = x.channels_last();
   dev_ = x.device();
   return y;
 }
 
 Tensor GlobalAvgPool::backward(Tensor dy) {
   Tensor dx(in_shape_, in_dtype_, dev_);
+  dx.set_channels_last(in_channels_last_);
   global_avgpool_backward(dy, dx);
   return dx;
 }

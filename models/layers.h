@@ -90,7 +90,8 @@ class MaxPool2d : public Module {
 };
 
 // AdaptiveAvgPool2d((1, 1)) followed by flatten: [N, C, H, W] -> [N, C]. The output is float32
-// whatever the input's dtype (16-bit in fp16/bf16 training), and dx has the input's dtype.
+// whatever the input's dtype (16-bit in fp16/bf16 training) and layout, and dx has the input's
+// dtype and layout.
 class GlobalAvgPool : public Module {
  public:
   std::string kind() const override { return "AdaptiveAvgPool2d"; }
@@ -100,6 +101,7 @@ class GlobalAvgPool : public Module {
  private:
   Shape in_shape_;
   DType in_dtype_ = DType::F32;
+  bool in_channels_last_ = false;
   Device dev_;
 };
 

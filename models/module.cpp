@@ -135,6 +135,10 @@ void Module::set_precision(Precision p) {
   for (auto& [name, m] : named_modules()) m->precision_ = p;
 }
 
+void Module::set_channels_last(bool on) {
+  for (auto& [name, m] : named_modules()) m->channels_last_ = on;
+}
+
 void Module::to(const Device& d) {
   for (auto& [name, m] : named_modules()) {
     m->release();

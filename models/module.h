@@ -69,6 +69,11 @@ class Module {
   // numerics over float32 storage). Set on this module and every descendant.
   virtual void set_precision(Precision p);
   Precision precision() const { return precision_; }
+  // Whether convolutions write their outputs channels-last (Tensor::channels_last), the layout
+  // tensor-core convolutions want; the layers after them follow their inputs' layout. Set on
+  // this module and every descendant.
+  virtual void set_channels_last(bool on);
+  bool channels_last() const { return channels_last_; }
   Device device();
   virtual void zero_grad();
   // Drops tensors kept for backward (after backward, or when a forward's output is not used).
@@ -105,6 +110,7 @@ class Module {
   std::vector<std::pair<std::string, std::unique_ptr<Module>>> children_;
   bool training_ = true;
   Precision precision_ = Precision::FP32;
+  bool channels_last_ = false;
   std::function<void(Module&)> grad_ready_;
   std::shared_ptr<const ArchSpec> arch_;
 };

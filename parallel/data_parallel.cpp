@@ -23,11 +23,13 @@ BnMode parse_bn_mode(const std::string& s) {
 
 namespace {
 
-// Rows [start, start + n) of t as a new tensor on dev.
+// Rows [start, start + n) of t as a new tensor on dev (in its layout: dim 0 is outermost in
+// channels-last order too).
 Tensor rows(const Tensor& t, int64_t start, int64_t n, const Device& dev) {
   Shape s = t.shape();
   s[0] = n;
   Tensor out(s, t.dtype(), dev);
+  out.set_channels_last(t.channels_last());
   const size_t row_bytes = t.nbytes() / size_t(t.dim(0));
   device_copy(dev, out.raw(), t.device(), static_cast<const char*>(t.raw()) + start * row_bytes,
               out.nbytes());
@@ -40,8 +42,10 @@ Tensor cat_rows(const std::vector<Tensor>& parts, const Device& dev) {
   s[0] = 0;
   for (auto& p : parts) s[0] += p.dim(0);
   Tensor out(s, parts[0].dtype(), dev);
+  out.set_channels_last(parts[0].channels_last());
   size_t at = 0;
   for (auto& p : parts) {
+    DPT_ASSERT(p.channels_last() == out.channels_last(), "DataParallel: parts in two layouts");
     device_copy(dev, static_cast<char*>(out.raw()) + at, p.device(), p.raw(), p.nbytes());
     at += p.nbytes();
   }
@@ -352,7 +356,8 @@ Tensor DataParallel::gather(std::vector<Tensor>& local) {
     shape = mine.shape();
   }
   if (shape == Shape{-1}) return Tensor();
-  DPT_ASSERT(!mine.defined() || mine.dtype() == DType::F32, "DataParallel gathers float32");
+  DPT_ASSERT(!mine.defined() || (mine.dtype() == DType::F32 && !mine.channels_last()),
+             "DataParallel gathers float32 across processes, not channels-last");
   const int64_t row = shape_numel(shape) / shape[0], most = sizes_[0];
   Tensor padded = Tensor::zeros({most * row}, DType::F32, dev);
   if (mine.defined()) device_copy(dev, padded.raw(), mine.device(), mine.raw(), mine.nbytes());
@@ -468,6 +473,11 @@ void DataParallel::to(const Device& d) {
 void DataParallel::set_precision(Precision p) {
   Module::set_precision(p);
   for (Module* m : replicas_) m->set_precision(p);
+}
+
+void DataParallel::set_channels_last(bool on) {
+  Module::set_channels_last(on);
+  for (Module* m : replicas_) m->set_channels_last(on);
 }
 
 void DataParallel::release() {

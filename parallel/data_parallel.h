@@ -65,6 +65,7 @@ class DataParallel : public Module {
   void zero_grad() override;
   void to(const Device& d) override;
   void set_precision(Precision p) override;  // on every replica
+  void set_channels_last(bool on) override;  // on every replica
   void release() override;
   const ArchSpec* arch() const override { return replicas_[0]->arch(); }
   // Loads into replica 0 ("module." keys) and copies the result to every other replica.

@@ -325,6 +325,12 @@ TEST(Cli, MixedPrecisionLossScalingAndResume) {
   CliRun bf16 = dptrain(base + "--precision bf16");
   ASSERT_EQ(bf16.code, 0) << bf16.err;
   EXPECT_NEAR(nlohmann::json::parse(bf16.out).at("train_loss").get<double>(), l32, 0.05);
+  // Channels-last activations (auto: only on GPUs) change no value: the same weights, bit for bit.
+  std::filesystem::rename(dir + "/a.h5", dir + "/bf16.h5");
+  CliRun bf16_last = dptrain(base + "--precision bf16 --channels-last on");
+  ASSERT_EQ(bf16_last.code, 0) << bf16_last.err;
+  EXPECT_EQ(max_diff(dir + "/a.h5", dir + "/bf16.h5"), 0.0);
+  expect_error(base + "--channels-last maybe", 2, "--channels-last");
   CliRun tf32 = dptrain(base + "--precision tf32");
   ASSERT_EQ(tf32.code, 0) << tf32.err;
   const double l_tf32 = nlohmann::json::parse(tf32.out).at("train_loss");

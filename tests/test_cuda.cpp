@@ -83,111 +83,128 @@ Tensor out(Shape s) {
 // fp16 ulp, 9.8e-4 of the largest value, plus summation order) and 2e-2 (a bf16 ulp is 7.8e-3).
 // In fp16 and bf16 the GPU's outputs must also be values of that format: an fp32 convolution
 // would be within these bounds too.
+//
+// Each also with channels-last output (y, dy; cuDNN's NHWC descriptors) over an NCHW input and
+// input gradient, as the stem and a channels-last network mix them.
 TEST(Cuda, ConvolutionForwardAndBackward) {
   NEED_GPU();
-  for (const Precision pr : {Precision::FP32, Precision::TF32, Precision::FP16, Precision::BF16})
-    for (const auto& [c, k, r, stride, pad, hw] :
-         std::vector<std::tuple<int, int, int, int, int, int>>{{3, 64, 7, 2, 3, 32},
-                                                               {64, 64, 3, 1, 1, 16},
-                                                               {64, 256, 1, 1, 0, 8},
-                                                               {128, 128, 3, 2, 1, 9},
-                                                               {256, 512, 1, 2, 0, 7}}) {
-      SCOPED_TRACE(std::to_string(c) + "->" + std::to_string(k) + " k" + std::to_string(r) +
-                   " precision " + std::to_string(int(pr)));
-      const Conv2dParams p{stride, pad, pr};
-      const double bound = pr == Precision::FP32   ? 1e-4
-                           : pr == Precision::TF32 ? 5e-3
-                           : pr == Precision::FP16 ? 2e-3
-                                                   : 2e-2;
-      const int64_t o = conv_out_size(hw, r, stride, pad);
-      Tensor x = random({2, c, hw, hw}, 1), w = random({k, c, r, r}, 2, 0.1f);
-      Tensor dy = random({2, k, o, o}, 3);
-      Tensor y({2, k, o, o}), dx(x.shape()), dw = random(w.shape(), 4);
-      Tensor gx = x.to(kGpu), gw = w.to(kGpu), gdy = dy.to(kGpu), gy = out({2, k, o, o}),
-             gdx = out(x.shape()), gdw = dw.to(kGpu);
-      conv2d_forward(x, w, y, p);
-      conv2d_forward(gx, gw, gy, p);
-      EXPECT_LT(rel_error(gy, y), bound);
-      conv2d_backward(dy, x, w, &dx, dw, p);  // dw accumulates onto its random start
-      conv2d_backward(gdy, gx, gw, &gdx, gdw, p);
-      EXPECT_LT(rel_error(gdx, dx), bound);
-      EXPECT_LT(rel_error(gdw, dw), bound);
-      if (pr == Precision::FP16 || pr == Precision::BF16) {
-        const DType fmt = rounding_of(pr);
-        Tensor part = Tensor::zeros(w.shape()).to(kGpu);  // dw's contribution alone
-        conv2d_backward(gdy, gx, gw, nullptr, part, p);
-        for (const Tensor* t : {&gy, &gdx, &part}) {
-          Tensor in_fmt = t->clone();
-          round_(in_fmt, fmt);
-          EXPECT_EQ(in_fmt.to_vector(), t->to_vector()) << "an output is not " << dtype_name(fmt);
+  for (const bool last : {false, true})
+    for (const Precision pr : {Precision::FP32, Precision::TF32, Precision::FP16, Precision::BF16})
+      for (const auto& [c, k, r, stride, pad, hw] :
+           std::vector<std::tuple<int, int, int, int, int, int>>{{3, 64, 7, 2, 3, 32},
+                                                                 {64, 64, 3, 1, 1, 16},
+                                                                 {64, 256, 1, 1, 0, 8},
+                                                                 {128, 128, 3, 2, 1, 9},
+                                                                 {256, 512, 1, 2, 0, 7}}) {
+        SCOPED_TRACE(std::to_string(c) + "->" + std::to_string(k) + " k" + std::to_string(r) +
+                     " precision " + std::to_string(int(pr)) + (last ? " channels-last" : ""));
+        const Conv2dParams p{stride, pad, pr};
+        const double bound = pr == Precision::FP32   ? 1e-4
+                             : pr == Precision::TF32 ? 5e-3
+                             : pr == Precision::FP16 ? 2e-3
+                                                     : 2e-2;
+        const int64_t o = conv_out_size(hw, r, stride, pad);
+        Tensor x = random({2, c, hw, hw}, 1), w = random({k, c, r, r}, 2, 0.1f);
+        Tensor dy = cast_to(random({2, k, o, o}, 3), DType::F32, last);
+        Tensor y({2, k, o, o}), dx(x.shape()), dw = random(w.shape(), 4);
+        y.set_channels_last(last);
+        Tensor gx = x.to(kGpu), gw = w.to(kGpu), gdy = dy.to(kGpu), gy = out({2, k, o, o}),
+               gdx = out(x.shape()), gdw = dw.to(kGpu);
+        gy.set_channels_last(last);
+        conv2d_forward(x, w, y, p);
+        conv2d_forward(gx, gw, gy, p);
+        EXPECT_LT(rel_error(gy, y), bound);
+        conv2d_backward(dy, x, w, &dx, dw, p);  // dw accumulates onto its random start
+        conv2d_backward(gdy, gx, gw, &gdx, gdw, p);
+        EXPECT_LT(rel_error(gdx, dx), bound);
+        EXPECT_LT(rel_error(gdw, dw), bound);
+        if (pr == Precision::FP16 || pr == Precision::BF16) {
+          const DType fmt = rounding_of(pr);
+          Tensor part = Tensor::zeros(w.shape()).to(kGpu);  // dw's contribution alone
+          conv2d_backward(gdy, gx, gw, nullptr, part, p);
+          for (const Tensor* t : {&gy, &gdx, &part}) {
+            Tensor in_fmt = t->clone();
+            round_(in_fmt, fmt);
+            EXPECT_EQ(in_fmt.to_vector(), t->to_vector()) << "an output is not " << dtype_name(fmt);
+          }
         }
+        if (pr != Precision::FP32)
+          std::printf("[ measured ] precision %d conv %d->%d k%d: forward %.2g, dx %.2g, dw %.2g\n",
+                      int(pr), c, k, r, rel_error(gy, y), rel_error(gdx, dx), rel_error(gdw, dw));
       }
-      if (pr != Precision::FP32)
-        std::printf("[ measured ] precision %d conv %d->%d k%d: forward %.2g, dx %.2g, dw %.2g\n",
-                    int(pr), c, k, r, rel_error(gy, y), rel_error(gdx, dx), rel_error(gdw, dw));
-    }
 }
 
-// The third shape spreads each channel over 13 blocks, its values 30 standard deviations from 0.
+// The third shape spreads each channel over 13 blocks, its values 30 standard deviations from 0;
+// the 4-D shapes run NCHW and channels-last (40 channels: two blocks of 32, one partly empty).
 TEST(Cuda, BatchNormPieces) {
   NEED_GPU();
-  for (const Shape& s : {Shape{4, 16, 7, 7}, Shape{3, 8}, Shape{64, 4, 28, 28}}) {
-    const int64_t C = s[1], count = Tensor(s).numel() / C;
-    Tensor x = random(s, 5, 2.0f);
-    if (s[0] == 64)
-      for (int64_t i = 0; i < x.numel(); ++i) x.data<float>()[i] += 60.0f;
-    Tensor gamma = random({C}, 6), beta = random({C}, 7), dy = random(s, 8);
-    Tensor mean({C}), var({C}), y(s), rm = random({C}, 9), rv = Tensor::full({C}, 1.5f);
-    Tensor gmean = out({C}), gvar = out({C}), gy = out(s);
-    Tensor gx = x.to(kGpu), ggamma = gamma.to(kGpu), gbeta = beta.to(kGpu), gdy = dy.to(kGpu),
-           grm = rm.to(kGpu), grv = rv.to(kGpu);
-    batchnorm_stats(x, mean, var);
-    batchnorm_stats(gx, gmean, gvar);
-    EXPECT_LT(rel_error(gmean, mean), 1e-6);
-    EXPECT_LT(rel_error(gvar, var), 1e-6);
-    batchnorm_forward(x, mean, var, gamma, beta, 1e-5f, y);
-    batchnorm_forward(gx, gmean, gvar, ggamma, gbeta, 1e-5f, gy);
-    EXPECT_LT(rel_error(gy, y), 1e-6);
-    Tensor batches = Tensor::zeros({}, DType::I64), gbatches = batches.to(kGpu);
-    batchnorm_update_running(rm, rv, batches, mean, var, count, 0.1f);
-    batchnorm_update_running(grm, grv, gbatches, gmean, gvar, count, 0.1f);
-    EXPECT_LT(rel_error(grm, rm), 1e-6);
-    EXPECT_LT(rel_error(grv, rv), 1e-6);
-    EXPECT_EQ(gbatches.to(Device::cpu()).data<int64_t>()[0], 1);
-    Tensor sd({C}), sdx({C}), dx(s), gsd = out({C}), gsdx = out({C}), gdx = out(s);
-    batchnorm_backward_reduce(dy, x, mean, var, 1e-5f, sd, sdx);
-    batchnorm_backward_reduce(gdy, gx, gmean, gvar, 1e-5f, gsd, gsdx);
-    EXPECT_LT(rel_error(gsd, sd), 1e-5);
-    EXPECT_LT(rel_error(gsdx, sdx), 1e-5);
-    batchnorm_backward_data(dy, x, mean, var, gamma, sd, sdx, 1e-5f, count, dx);
-    batchnorm_backward_data(gdy, gx, gmean, gvar, ggamma, gsd, gsdx, 1e-5f, count, gdx);
-    EXPECT_LT(rel_error(gdx, dx), 1e-5);
-    // The same with the ReLU fused: forward clamps, backward masks dy by the output.
-    Tensor gry = out(s);
-    batchnorm_forward(x, mean, var, gamma, beta, 1e-5f, y, true);
-    batchnorm_forward(gx, gmean, gvar, ggamma, gbeta, 1e-5f, gry, true);
-    EXPECT_LT(rel_error(gry, y), 1e-6);
-    // Backward on the CPU's mask: values within an ulp of 0 may fall on either side on the GPU.
-    const Tensor gmask = y.to(kGpu);
-    batchnorm_backward_reduce(dy, x, mean, var, 1e-5f, sd, sdx, &y);
-    batchnorm_backward_reduce(gdy, gx, gmean, gvar, 1e-5f, gsd, gsdx, &gmask);
-    EXPECT_LT(rel_error(gsd, sd), 1e-5);
-    EXPECT_LT(rel_error(gsdx, sdx), 1e-5);
-    batchnorm_backward_data(dy, x, mean, var, gamma, sd, sdx, 1e-5f, count, dx, &y);
-    batchnorm_backward_data(gdy, gx, gmean, gvar, ggamma, gsd, gsdx, 1e-5f, count, gdx, &gmask);
-    EXPECT_LT(rel_error(gdx, dx), 1e-5);
-    // SyncBatchNorm's combination of 3 replicas' statistics.
-    const Tensor all = random({3 * 2 * C}, 10, 1.0f);
-    Tensor positive = all.clone();  // variances must not be negative
-    for (int64_t i = 0; i < positive.numel(); ++i)
-      positive.data<float>()[i] = std::fabs(positive.data<float>()[i]);
-    Tensor cm({C}), cv({C}), gcm = out({C}), gcv = out({C}), counts({3}, DType::I64);
-    counts.data<int64_t>()[0] = 5, counts.data<int64_t>()[1] = 7, counts.data<int64_t>()[2] = 2;
-    batchnorm_combine_stats(positive, counts, cm, cv);
-    batchnorm_combine_stats(positive.to(kGpu), counts.to(kGpu), gcm, gcv);
-    EXPECT_LT(rel_error(gcm, cm), 1e-6);
-    EXPECT_LT(rel_error(gcv, cv), 1e-6);
-  }
+  for (const Shape& s : {Shape{4, 16, 7, 7}, Shape{3, 8}, Shape{64, 4, 28, 28}, Shape{4, 40, 6, 6}})
+    for (const bool last : {false, true}) {
+      if (last && s.size() != 4) continue;
+      SCOPED_TRACE(shape_str(s) + (last ? " channels-last" : ""));
+      const int64_t C = s[1], count = Tensor(s).numel() / C;
+      Tensor x = random(s, 5, 2.0f);
+      if (s[0] == 64)
+        for (int64_t i = 0; i < x.numel(); ++i) x.data<float>()[i] += 60.0f;
+      x = cast_to(x, DType::F32, last);
+      Tensor gamma = random({C}, 6), beta = random({C}, 7),
+             dy = cast_to(random(s, 8), DType::F32, last);
+      Tensor mean({C}), var({C}), y(s), rm = random({C}, 9), rv = Tensor::full({C}, 1.5f);
+      Tensor gmean = out({C}), gvar = out({C}), gy = out(s);
+      y.set_channels_last(last);
+      gy.set_channels_last(last);
+      Tensor gx = x.to(kGpu), ggamma = gamma.to(kGpu), gbeta = beta.to(kGpu), gdy = dy.to(kGpu),
+             grm = rm.to(kGpu), grv = rv.to(kGpu);
+      batchnorm_stats(x, mean, var);
+      batchnorm_stats(gx, gmean, gvar);
+      EXPECT_LT(rel_error(gmean, mean), 1e-6);
+      EXPECT_LT(rel_error(gvar, var), 1e-6);
+      batchnorm_forward(x, mean, var, gamma, beta, 1e-5f, y);
+      batchnorm_forward(gx, gmean, gvar, ggamma, gbeta, 1e-5f, gy);
+      EXPECT_LT(rel_error(gy, y), 1e-6);
+      Tensor batches = Tensor::zeros({}, DType::I64), gbatches = batches.to(kGpu);
+      batchnorm_update_running(rm, rv, batches, mean, var, count, 0.1f);
+      batchnorm_update_running(grm, grv, gbatches, gmean, gvar, count, 0.1f);
+      EXPECT_LT(rel_error(grm, rm), 1e-6);
+      EXPECT_LT(rel_error(grv, rv), 1e-6);
+      EXPECT_EQ(gbatches.to(Device::cpu()).data<int64_t>()[0], 1);
+      Tensor sd({C}), sdx({C}), dx(s), gsd = out({C}), gsdx = out({C}), gdx = out(s);
+      dx.set_channels_last(last);
+      gdx.set_channels_last(last);
+      batchnorm_backward_reduce(dy, x, mean, var, 1e-5f, sd, sdx);
+      batchnorm_backward_reduce(gdy, gx, gmean, gvar, 1e-5f, gsd, gsdx);
+      EXPECT_LT(rel_error(gsd, sd), 1e-5);
+      EXPECT_LT(rel_error(gsdx, sdx), 1e-5);
+      batchnorm_backward_data(dy, x, mean, var, gamma, sd, sdx, 1e-5f, count, dx);
+      batchnorm_backward_data(gdy, gx, gmean, gvar, ggamma, gsd, gsdx, 1e-5f, count, gdx);
+      EXPECT_LT(rel_error(gdx, dx), 1e-5);
+      // The same with the ReLU fused: forward clamps, backward masks dy by the output.
+      Tensor gry = out(s);
+      gry.set_channels_last(last);
+      batchnorm_forward(x, mean, var, gamma, beta, 1e-5f, y, true);
+      batchnorm_forward(gx, gmean, gvar, ggamma, gbeta, 1e-5f, gry, true);
+      EXPECT_LT(rel_error(gry, y), 1e-6);
+      // Backward on the CPU's mask: values within an ulp of 0 may fall on either side on the GPU.
+      const Tensor gmask = y.to(kGpu);
+      batchnorm_backward_reduce(dy, x, mean, var, 1e-5f, sd, sdx, &y);
+      batchnorm_backward_reduce(gdy, gx, gmean, gvar, 1e-5f, gsd, gsdx, &gmask);
+      EXPECT_LT(rel_error(gsd, sd), 1e-5);
+      EXPECT_LT(rel_error(gsdx, sdx), 1e-5);
+      batchnorm_backward_data(dy, x, mean, var, gamma, sd, sdx, 1e-5f, count, dx, &y);
+      batchnorm_backward_data(gdy, gx, gmean, gvar, ggamma, gsd, gsdx, 1e-5f, count, gdx, &gmask);
+      EXPECT_LT(rel_error(gdx, dx), 1e-5);
+      // SyncBatchNorm's combination of 3 replicas' statistics.
+      const Tensor all = random({3 * 2 * C}, 10, 1.0f);
+      Tensor positive = all.clone();  // variances must not be negative
+      for (int64_t i = 0; i < positive.numel(); ++i)
+        positive.data<float>()[i] = std::fabs(positive.data<float>()[i]);
+      Tensor cm({C}), cv({C}), gcm = out({C}), gcv = out({C}), counts({3}, DType::I64);
+      counts.data<int64_t>()[0] = 5, counts.data<int64_t>()[1] = 7, counts.data<int64_t>()[2] = 2;
+      batchnorm_combine_stats(positive, counts, cm, cv);
+      batchnorm_combine_stats(positive.to(kGpu), counts.to(kGpu), gcm, gcv);
+      EXPECT_LT(rel_error(gcm, cm), 1e-6);
+      EXPECT_LT(rel_error(gcv, cv), 1e-6);
+    }
 }
 
 TEST(Cuda, PoolingElementwiseLinearLossAndSgd) {
@@ -289,6 +306,7 @@ void whole_step(const std::string& arch, Precision pr = Precision::FP32) {
   gpu->to(kGpu);
   cpu->set_precision(pr);
   gpu->set_precision(pr);
+  gpu->set_channels_last(pr == Precision::FP16 || pr == Precision::BF16);
   const double close = pr == Precision::FP32 ? 1e-3 : pr == Precision::FP16 ? 1e-2 : 8e-2;
   const double bound = pr == Precision::FP32 ? 1e-2 : pr == Precision::FP16 ? 2.5e-2 : 2e-1;
   Tensor x = random({4, 3, 64, 64}, 30), t({4}, DType::I64);
@@ -332,6 +350,8 @@ TEST(Cuda, Resnet152TrainingStepMatchesTheCpu) {
   whole_step("resnet152");
 }
 
+// The GPU with channels-last activations (as dptrain trains in fp16 and bf16 there), the CPU
+// without.
 TEST(Cuda, Resnet50HalfPrecisionStepsMatchTheCpu) {
   NEED_GPU();
   whole_step("resnet50", Precision::FP16);
@@ -371,12 +391,17 @@ TEST(Cuda, MixedPrecisionHelpersEqualTheCpu) {
 // one rounding); max pooling's dx (float32 atomics), batch norm, average pooling and the
 // convolution within 4 units of the format's last place (summation order); each output in the
 // CPU's dtype.
-std::vector<std::pair<std::string, Tensor>> sixteen_bit_ops(DType t, const Device& dev) {
+std::vector<std::pair<std::string, Tensor>> sixteen_bit_ops(DType t, const Device& dev, bool last) {
   auto in = [&](Shape s, uint64_t seed, float scale = 1.0f) {
-    return cast_to(random(std::move(s), seed, scale).to(dev), t);
+    return cast_to(random(std::move(s), seed, scale).to(dev), t, last);
   };
   auto f32 = [&](Shape s, uint64_t seed, float scale = 1.0f) {
     return random(std::move(s), seed, scale).to(dev);
+  };
+  auto act = [&](Shape s) {  // an activation output, in the layout under test
+    Tensor o(std::move(s), t, dev);
+    o.set_channels_last(last);
+    return o;
   };
   std::vector<std::pair<std::string, Tensor>> r;
   const Tensor x = in({2, 8, 9, 9}, 40), x2 = in({2, 8, 9, 9}, 41), dy = in({2, 8, 9, 9}, 42);
@@ -394,12 +419,12 @@ std::vector<std::pair<std::string, Tensor>> sixteen_bit_ops(DType t, const Devic
       s2({8}, DType::F32, dev);
   const Tensor gamma = f32({8}, 43), beta = f32({8}, 44);
   batchnorm_stats(x, mean, var);
-  Tensor y(x.shape(), t, dev), dx(x.shape(), t, dev);
+  Tensor y = act(x.shape()), dx = act(x.shape());
   batchnorm_forward(x, mean, var, gamma, beta, 1e-5f, y);
   batchnorm_backward_reduce(dy, x, mean, var, 1e-5f, s1, s2);
   batchnorm_backward_data(dy, x, mean, var, gamma, s1, s2, 1e-5f, 162, dx);
-  Tensor ry(x.shape(), t, dev), rdx(x.shape(), t, dev), r1({8}, DType::F32, dev),
-      r2({8}, DType::F32, dev);  // the same with the ReLU fused
+  Tensor ry = act(x.shape()), rdx = act(x.shape()), r1({8}, DType::F32, dev),
+         r2({8}, DType::F32, dev);  // the same with the ReLU fused
   batchnorm_forward(x, mean, var, gamma, beta, 1e-5f, ry, true);
   batchnorm_backward_reduce(dy, x, mean, var, 1e-5f, r1, r2, &ry);
   batchnorm_backward_data(dy, x, mean, var, gamma, r1, r2, 1e-5f, 162, rdx, &ry);
@@ -411,8 +436,8 @@ std::vector<std::pair<std::string, Tensor>> sixteen_bit_ops(DType t, const Devic
   r.emplace_back("batchnorm y", std::move(y));
   r.emplace_back("batchnorm sum_dy_xhat", std::move(s2));
   r.emplace_back("batchnorm dx", std::move(dx));
-  Tensor p({2, 8, 5, 5}, t, dev), pdx(x.shape(), t, dev), avg({2, 8}, DType::F32, dev),
-      adx(x.shape(), t, dev);
+  Tensor p = act({2, 8, 5, 5}), pdx = act(x.shape()), avg({2, 8}, DType::F32, dev),
+         adx = act(x.shape());
   maxpool2d_forward(x, p, {});
   maxpool2d_backward(in({2, 8, 5, 5}, 45), x, pdx, {});
   global_avgpool_forward(x, avg);
@@ -423,7 +448,7 @@ std::vector<std::pair<std::string, Tensor>> sixteen_bit_ops(DType t, const Devic
   r.emplace_back("avgpool dx", std::move(adx));
   const Conv2dParams cp{1, 1, t == DType::F16 ? Precision::FP16 : Precision::BF16};
   const Tensor w = f32({16, 8, 3, 3}, 47, 0.1f);
-  Tensor cy({2, 16, 9, 9}, t, dev), cdx(x.shape(), t, dev), dw = f32(w.shape(), 48);
+  Tensor cy = act({2, 16, 9, 9}), cdx = act(x.shape()), dw = f32(w.shape(), 48);
   conv2d_forward(x, w, cy, cp);
   conv2d_backward(in({2, 16, 9, 9}, 49), x, w, &cdx, dw, cp);
   r.emplace_back("conv y", std::move(cy));
@@ -432,23 +457,40 @@ std::vector<std::pair<std::string, Tensor>> sixteen_bit_ops(DType t, const Devic
   return r;
 }
 
+// Also channels-last (the layout of fp16/bf16 training on a GPU): the same values in that order.
 TEST(Cuda, SixteenBitActivationKernelsEqualTheCpu) {
   NEED_GPU();
-  for (const DType t : {DType::F16, DType::BF16}) {
-    const auto cpu = sixteen_bit_ops(t, Device::cpu()), gpu = sixteen_bit_ops(t, kGpu);
-    ASSERT_EQ(cpu.size(), gpu.size());
-    const double ulp = t == DType::F16 ? 9.8e-4 : 7.8e-3;
-    for (size_t i = 0; i < cpu.size(); ++i) {
-      const std::string& name = cpu[i].first;
-      SCOPED_TRACE(std::string(dtype_name(t)) + " " + name);
-      EXPECT_EQ(gpu[i].second.dtype(), cpu[i].second.dtype());
-      const double err = rel_error(gpu[i].second, cpu[i].second);
-      if (name.rfind("add", 0) == 0 || name.rfind("relu", 0) == 0 || name == "maxpool y")
-        EXPECT_EQ(err, 0.0);
-      else
-        EXPECT_LT(err, 4 * ulp);
-      std::printf("[ measured ] %s %s: %.2g\n", dtype_name(t).data(), name.c_str(), err);
+  for (const bool last : {false, true})
+    for (const DType t : {DType::F16, DType::BF16}) {
+      const auto cpu = sixteen_bit_ops(t, Device::cpu(), last),
+                 gpu = sixteen_bit_ops(t, kGpu, last);
+      ASSERT_EQ(cpu.size(), gpu.size());
+      const double ulp = t == DType::F16 ? 9.8e-4 : 7.8e-3;
+      for (size_t i = 0; i < cpu.size(); ++i) {
+        const std::string& name = cpu[i].first;
+        SCOPED_TRACE(std::string(dtype_name(t)) + " " + name + (last ? " channels-last" : ""));
+        EXPECT_EQ(gpu[i].second.dtype(), cpu[i].second.dtype());
+        EXPECT_EQ(gpu[i].second.channels_last(), cpu[i].second.channels_last());
+        const double err = rel_error(gpu[i].second, cpu[i].second);
+        if (name.rfind("add", 0) == 0 || name.rfind("relu", 0) == 0 || name == "maxpool y")
+          EXPECT_EQ(err, 0.0);
+        else
+          EXPECT_LT(err, 4 * ulp);
+        std::printf("[ measured ] %s%s %s: %.2g\n", dtype_name(t).data(),
+                    last ? " channels-last" : "", name.c_str(), err);
+      }
     }
+}
+
+// cast reorders into and out of channels-last on the GPU exactly as on the CPU.
+TEST(Cuda, ChannelsLastCastsEqualTheCpu) {
+  NEED_GPU();
+  const Tensor x = random({3, 5, 7, 6}, 50, 3.0f);
+  for (const DType t : {DType::F32, DType::F16, DType::BF16}) {
+    const Tensor c = cast_to(x, t, true), g = cast_to(x.to(kGpu), t, true);
+    EXPECT_TRUE(g.channels_last());
+    EXPECT_EQ(g.to_vector(), c.to_vector()) << dtype_name(t);
+    EXPECT_EQ(cast_to(g, DType::F32).to_vector(), cast_to(c, DType::F32).to_vector());
   }
 }
 

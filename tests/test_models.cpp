@@ -538,3 +538,72 @@ TEST(Models, FusedBatchNormReluEqualsBatchNormThenRelu) {
               relu.forward(plain.forward(x.clone())).to_vector());
   }
 }
+
+// Channels-last activations are a storage order only on the CPU: a network trained with them
+// gives the same logits and parameter gradients, bit for bit, in fp32 and fp16, and so does a
+// convolution's input gradient (NCHW input, channels-last output); every activation from the first
+// convolution to the average pool is channels-last.
+TEST(Models, ChannelsLastActivationsChangeNoValue) {
+  Rng rng(15);
+  Tensor x({3, 3, 20, 20});
+  for (int64_t i = 0; i < x.numel(); ++i) x.data<float>()[i] = rng.normal();
+  for (const Precision pr : {Precision::FP32, Precision::FP16}) {
+    SCOPED_TRACE(int(pr));
+    auto plain = model("resnet18", 10, "imagenet"), last = model("resnet18", 10, "imagenet");
+    for (Module* m : {plain.get(), last.get()}) m->set_precision(pr);
+    last->set_channels_last(true);
+    const Tensor z = plain->forward(x.clone()), z_last = last->forward(x.clone());
+    EXPECT_FALSE(z_last.channels_last());
+    EXPECT_EQ(z.to_vector(), z_last.to_vector());
+    Tensor dz = Tensor::full(z.shape(), 0.1f);
+    plain->backward(dz.clone());
+    last->backward(std::move(dz));
+    auto a = plain->named_parameters(), b = last->named_parameters();
+    for (size_t i = 0; i < a.size(); ++i)
+      EXPECT_EQ(a[i].second->grad.to_vector(), b[i].second->grad.to_vector()) << a[i].first;
+    Conv2d conv(3, 4, 3, 1, 1, rng);
+    BatchNorm2d bn(4);
+    MaxPool2d pool(PoolParams{});
+    Rng r1(16), r2(16);  // the same weights
+    Conv2d plain_conv(3, 4, 3, 1, 1, r1), last_conv(3, 4, 3, 1, 1, r2);
+    plain_conv.set_precision(pr);
+    last_conv.set_precision(pr);
+    last_conv.set_channels_last(true);
+    Tensor cy = plain_conv.forward(x.clone()), cy_last = last_conv.forward(x.clone());
+    ASSERT_TRUE(cy_last.channels_last());
+    EXPECT_EQ(cast_to(cy_last, DType::F32).to_vector(), cast_to(cy, DType::F32).to_vector());
+    Tensor g32(cy.shape());
+    for (int64_t i = 0; i < g32.numel(); ++i) g32.data<float>()[i] = 0.01f * float(i % 97);
+    Tensor g = cast_to(g32, cy.dtype()), g_last = cast_to(g32, cy.dtype(), true);
+    const Tensor dx = plain_conv.backward(std::move(g)),
+                 dx_last = last_conv.backward(std::move(g_last));
+    EXPECT_FALSE(dx_last.channels_last());
+    EXPECT_EQ(dx.to_vector(), dx_last.to_vector());
+    EXPECT_EQ(plain_conv.weight.grad.to_vector(), last_conv.weight.grad.to_vector());
+    for (Module* m : std::vector<Module*>{&conv, &bn, &pool}) m->set_channels_last(true);
+    const Tensor y = pool.forward(bn.forward(conv.forward(x.clone())));
+    EXPECT_TRUE(y.channels_last());
+    Tensor dy = Tensor::full(y.shape(), 1.0f);
+    dy.set_channels_last(true);
+    EXPECT_TRUE(bn.backward(pool.backward(std::move(dy))).channels_last());
+  }
+}
+
+// cast reorders between NCHW and channels-last (and converts the dtype on the way).
+TEST(Models, CastReordersToAndFromChannelsLast) {
+  std::vector<float> v(24);
+  for (int i = 0; i < 24; ++i) v[size_t(i)] = float(i);
+  const Tensor t = Tensor::from_vector({2, 3, 2, 2}, v);  // value = (n*3 + c)*4 + p
+  for (const DType d : {DType::F32, DType::F16, DType::BF16}) {
+    const Tensor last = cast_to(t, d, true);
+    EXPECT_TRUE(last.channels_last());
+    const std::vector<float> s = last.to_vector();  // storage order: (n*4 + p)*3 + c
+    for (int n = 0; n < 2; ++n)
+      for (int c = 0; c < 3; ++c)
+        for (int p = 0; p < 4; ++p)
+          EXPECT_EQ(s[size_t((n * 4 + p) * 3 + c)], float((n * 3 + c) * 4 + p));
+    EXPECT_EQ(cast_to(last, DType::F32).to_vector(), v);
+    EXPECT_TRUE(cast_to(last, d, true).channels_last());
+  }
+  EXPECT_TRUE(t.clone().set_channels_last(true).clone().channels_last());
+}

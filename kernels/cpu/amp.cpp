@@ -78,6 +78,25 @@ void cast(const Tensor& src, Tensor& dst) {
   DPT_ASSERT(src.shape() == dst.shape() && src.device().is_cpu() && dst.device().is_cpu() &&
                  is_float(from) && is_float(to),
              "cast from ", dtype_name(from), " to ", dtype_name(to));
+  if (src.channels_last() != dst.channels_last()) {  // through float32, transposed in between
+    const int64_t N = src.dim(0), C = src.dim(1), P = src.dim(2) * src.dim(3);
+    Tensor a(src.shape()), b(src.shape());
+    cpu::cast(src.share().set_channels_last(false), a);
+    const float* in = a.data<float>();
+    float* out = b.data<float>();
+    const bool to_last = dst.channels_last();
+#pragma omp parallel for collapse(2) schedule(static) if (src.numel() > kParallelMin)
+    for (int64_t n = 0; n < N; ++n)
+      for (int64_t c = 0; c < C; ++c)
+        for (int64_t p = 0; p < P; ++p) {
+          const int64_t first = (n * C + c) * P + p, last = (n * P + p) * C + c;
+          out[to_last ? last : first] = in[to_last ? first : last];
+        }
+    Tensor d = dst.share();
+    d.set_channels_last(false);
+    cpu::cast(b, d);
+    return;
+  }
   const size_t in = dtype_size(from), out = dtype_size(to);
   const char* s = static_cast<const char*>(src.raw());
   char* d = static_cast<char*>(dst.raw());

@@ -49,6 +49,7 @@ void batchnorm_stats(const Tensor& x, Tensor& mean, Tensor& var) {
 
 void batchnorm_forward(const Tensor& x, const Tensor& mean, const Tensor& var, const Tensor& gamma,
                        const Tensor& beta, float eps, Tensor& y, bool relu) {
+  check_layouts("batchnorm_forward", {&x, &y});
   if (on_float32(
           [&](Tensor& xf, Tensor& yf) {
             cpu::batchnorm_forward(xf, mean, var, gamma, beta, eps, yf, relu);
@@ -102,6 +103,7 @@ void batchnorm_update_running(Tensor& running_mean, Tensor& running_var, Tensor&
 void batchnorm_backward_reduce(const Tensor& dy, const Tensor* relu_y, const Tensor& x,
                                const Tensor& mean, const Tensor& var, float eps, Tensor& sum_dy,
                                Tensor& sum_dy_xhat) {
+  check_layouts("batchnorm_backward_reduce", {&dy, &x});
   if (relu_y)
     return cpu::batchnorm_backward_reduce(masked(dy, *relu_y), nullptr, x, mean, var, eps, sum_dy,
                                           sum_dy_xhat);
@@ -136,6 +138,7 @@ void batchnorm_backward_data(const Tensor& dy, const Tensor* relu_y, const Tenso
                              const Tensor& mean, const Tensor& var, const Tensor& gamma,
                              const Tensor& sum_dy, const Tensor& sum_dy_xhat, float eps,
                              int64_t count, Tensor& dx) {
+  check_layouts("batchnorm_backward_data", {&dy, &x, &dx});
   if (relu_y)
     return cpu::batchnorm_backward_data(masked(dy, *relu_y), nullptr, x, mean, var, gamma, sum_dy,
                                         sum_dy_xhat, eps, count, dx);

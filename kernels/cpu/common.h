@@ -30,24 +30,35 @@ inline void check_f32_cpu(const Tensor& t, const char* what) {
              " must be a defined float32 cpu tensor");
 }
 
-// fp16/bf16 training stores activations in 16 bits (kernels/amp.h); the CPU kernels compute in
-// float32. When any of ts is 16-bit, on_float32 runs f on float32 stand-ins (a float32 tensor
-// itself, a widened copy of a 16-bit one), rounds each stand-in of a 16-bit non-const argument
-// back into it and returns true; otherwise it runs nothing and returns false, and the caller goes
-// on with its float32 code.
+// The CPU kernels compute on plain tensors: float32, not channels-last. Activations may be 16-bit
+// (fp16/bf16 training, kernels/amp.h) or channels-last (Tensor::channels_last). When any of ts is
+// not plain, on_float32 runs f on plain stand-ins (a plain tensor itself, else a converted copy),
+// converts each stand-in of a non-plain non-const argument back into it (rounding, reordering)
+// and returns true; otherwise it runs nothing and returns false, and the caller goes on with its
+// plain code.
+inline bool plain(const Tensor& t) {
+  return t.dtype() == DType::F32 && !t.channels_last();
+}
 inline Tensor float32_of(const Tensor& t) {
-  if (t.dtype() == DType::F32) return t.share();
+  if (plain(t)) return t.share();
   Tensor f(t.shape(), DType::F32, t.device());
   cpu::cast(t, f);
   return f;
 }
 inline void store_back(const Tensor&, const Tensor&) {}  // an input: nothing to write back
 inline void store_back(const Tensor& f, Tensor& t) {
-  if (t.dtype() != DType::F32) cpu::cast(f, t);
+  if (!plain(t)) cpu::cast(f, t);
+}
+// The activation operands of one op share one layout, as the CUDA kernels require (the CPU
+// would convert any mix, which would hide a layer that set the wrong one).
+inline void check_layouts(const char* op, std::initializer_list<const Tensor*> ts) {
+  for (const Tensor* t : ts)
+    DPT_ASSERT(t->channels_last() == (*ts.begin())->channels_last(), op,
+               ": operands in two memory formats");
 }
 template <typename F, typename... Ts>
 bool on_float32(F&& f, Ts&... ts) {
-  if (((ts.dtype() == DType::F32) && ...)) return false;
+  if ((plain(ts) && ...)) return false;
   std::array<Tensor, sizeof...(Ts)> s{float32_of(ts)...};
   std::apply(f, s);
   size_t i = 0;

@@ -117,18 +117,14 @@ const float* unfold(const float* xp, const Geometry& g, int slot) {
   return col;
 }
 
-// Operand t as precision `pr` takes it (kernels/conv.h), in float32: t itself in fp32, 16-bit
-// values widened (rounded again only if the precision's format is the other 16-bit one; TF32
-// holds both exactly), float32 ones rounded in a copy.
+// Operand t as precision `pr` takes it (kernels/conv.h), plain (on_float32): t itself when it is
+// plain and in fp32, else a copy, rounded unless its values are in the precision's format already
+// (16-bit ones in their own format, or in TF32, which holds both 16-bit formats exactly).
 Tensor operand(const Tensor& t, Precision pr) {
-  if (t.dtype() != DType::F32) {
-    Tensor r = float32_of(t);
-    const DType fmt = rounding_of(pr);
-    if (fmt != DType::F32 && fmt != t.dtype()) cpu::round_(r, fmt);
-    return r;
-  }
-  if (pr == Precision::FP32) return t.share();
-  Tensor r = t.clone();
+  if (pr == Precision::FP32 ||
+      (t.dtype() != DType::F32 && (pr == Precision::TF32 || rounding_of(pr) == t.dtype())))
+    return float32_of(t);
+  Tensor r = plain(t) ? t.clone() : float32_of(t);
   if (pr != Precision::TF32) {
     cpu::round_(r, rounding_of(pr));
     return r;
@@ -140,16 +136,14 @@ Tensor operand(const Tensor& t, Precision pr) {
   return r;
 }
 
-// Where the float32 result for output t is computed: t itself, or a buffer for a 16-bit t that
-// finish() then rounds into it. finish() rounds a float32 t in place to pr's 16-bit format.
+// Where the plain result for output t is computed: t itself, or a buffer that finish() converts
+// into t. finish() first rounds the result to pr's 16-bit format, if it has one.
 Tensor result_for(const Tensor& t) {
-  return t.dtype() == DType::F32 ? t.share() : Tensor(t.shape());
+  return plain(t) ? t.share() : Tensor(t.shape());
 }
-void finish(const Tensor& r, Tensor& t, Precision pr) {
-  if (t.dtype() != DType::F32)
-    cpu::cast(r, t);
-  else if (pr == Precision::FP16 || pr == Precision::BF16)
-    cpu::round_(t, rounding_of(pr));
+void finish(Tensor& r, Tensor& t, Precision pr) {
+  if (pr == Precision::FP16 || pr == Precision::BF16) cpu::round_(r, rounding_of(pr));
+  if (!plain(t)) cpu::cast(r, t);
 }
 
 Conv2dParams in_fp32(Conv2dParams p) {
@@ -157,16 +151,16 @@ Conv2dParams in_fp32(Conv2dParams p) {
   return p;
 }
 
-bool all_f32(std::initializer_list<const Tensor*> ts) {
+bool all_plain(std::initializer_list<const Tensor*> ts) {
   for (const Tensor* t : ts)
-    if (t && t->dtype() != DType::F32) return false;
+    if (t && !plain(*t)) return false;
   return true;
 }
 
 }  // namespace
 
 void conv2d_forward(const Tensor& x, const Tensor& w, Tensor& y, const Conv2dParams& prm) {
-  if (const Precision pr = prm.precision; pr != Precision::FP32 || !all_f32({&x, &y})) {
+  if (const Precision pr = prm.precision; pr != Precision::FP32 || !all_plain({&x, &y})) {
     Tensor r = result_for(y);
     cpu::conv2d_forward(operand(x, pr), operand(w, pr), r, in_fp32(prm));
     finish(r, y, pr);
@@ -190,7 +184,7 @@ void conv2d_forward(const Tensor& x, const Tensor& w, Tensor& y, const Conv2dPar
 
 void conv2d_backward(const Tensor& dy, const Tensor& x, const Tensor& w, Tensor* dx, Tensor& dw,
                      const Conv2dParams& prm) {
-  if (const Precision pr = prm.precision; pr != Precision::FP32 || !all_f32({&dy, &x, dx})) {
+  if (const Precision pr = prm.precision; pr != Precision::FP32 || !all_plain({&dy, &x, dx})) {
     // dw's part from this call, rounded to the format before it is added.
     Tensor part = Tensor::zeros(dw.shape(), DType::F32, dw.device()), r;
     if (dx) r = result_for(*dx);

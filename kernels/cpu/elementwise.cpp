@@ -25,14 +25,17 @@ void relu_(Tensor& x) {
   each(x, nullptr, [](float v, float) { return v > 0 ? v : 0.0f; });
 }
 void relu_backward_(Tensor& g, const Tensor& y) {
+  check_layouts("relu_backward_", {&g, &y});
   if (on_float32([](Tensor& gf, Tensor& yf) { cpu::relu_backward_(gf, yf); }, g, y)) return;
   each(g, &y, [](float gv, float yv) { return yv > 0 ? gv : 0.0f; });
 }
 void add_(Tensor& y, const Tensor& x) {
+  check_layouts("add_", {&y, &x});
   if (on_float32([](Tensor& yf, Tensor& xf) { cpu::add_(yf, xf); }, y, x)) return;
   each(y, &x, [](float a, float b) { return a + b; });
 }
 void add_relu_(Tensor& y, const Tensor& x) {
+  check_layouts("add_relu_", {&y, &x});
   if (on_float32([](Tensor& yf, Tensor& xf) { cpu::add_relu_(yf, xf); }, y, x)) return;
   each(y, &x, [](float a, float b) { return a + b > 0 ? a + b : 0.0f; });
 }

@@ -38,6 +38,7 @@ void for_each_window(const float* plane, int64_t H, int64_t W, int64_t Ho, int64
 }  // namespace
 
 void maxpool2d_forward(const Tensor& x, Tensor& y, const PoolParams& p) {
+  check_layouts("maxpool2d_forward", {&x, &y});
   if (on_float32([&](Tensor& xf, Tensor& yf) { cpu::maxpool2d_forward(xf, yf, p); }, x, y)) return;
   check_f32_cpu(x, "maxpool x");
   const int64_t NC = x.dim(0) * x.dim(1), H = x.dim(2), W = x.dim(3), Ho = y.dim(2), Wo = y.dim(3);
@@ -52,6 +53,7 @@ void maxpool2d_forward(const Tensor& x, Tensor& y, const PoolParams& p) {
 }
 
 void maxpool2d_backward(const Tensor& dy, const Tensor& x, Tensor& dx, const PoolParams& p) {
+  check_layouts("maxpool2d_backward", {&dy, &x, &dx});
   if (on_float32(
           [&](Tensor& dyf, Tensor& xf, Tensor& dxf) { cpu::maxpool2d_backward(dyf, xf, dxf, p); },
           dy, x, dx))

@@ -20,6 +20,25 @@ __global__ void cast_kernel(const From* s, To* d, int64_t n) {
     d[i] = st<To>(ld(s[i]));
 }
 
+// The same between memory formats: d[i] from the element of s at the same logical [n, c, p],
+// to_last telling which side is channels-last.
+template <typename From, typename To>
+__global__ void reorder_kernel(const From* s, To* d, int64_t C, int64_t P, int64_t n,
+                               bool to_last) {
+  for (int64_t i = int64_t(blockIdx.x) * blockDim.x + threadIdx.x; i < n;
+       i += int64_t(gridDim.x) * blockDim.x) {
+    int64_t j;      // the source index
+    if (to_last) {  // i = (b*P + p)*C + c  <-  j = (b*C + c)*P + p
+      const int64_t c = i % C, bp = i / C;
+      j = ((bp / P) * C + c) * P + bp % P;
+    } else {  // i = (b*C + c)*P + p  <-  j = (b*P + p)*C + c
+      const int64_t p = i % P, bc = i / P;
+      j = ((bc / C) * P + p) * C + bc % C;
+    }
+    d[i] = st<To>(ld(s[j]));
+  }
+}
+
 __global__ void scale_check_kernel(float* x, int64_t n, float factor, int* found) {
   int bad = 0;
   for (int64_t i = int64_t(blockIdx.x) * blockDim.x + threadIdx.x; i < n;
@@ -51,12 +70,18 @@ void cast(const Tensor& src, Tensor& dst) {
   const int64_t n = src.numel();
   if (n == 0) return;
   DPT_CUDA(cudaSetDevice(src.device().index));
+  const bool reorder = src.channels_last() != dst.channels_last();
   with_type(src.dtype(), [&](auto from) {
     with_type(dst.dtype(), [&](auto to) {
       using From = typename decltype(from)::type;
       using To = typename decltype(to)::type;
-      cast_kernel<<<blocks_for(n), kThreads, 0, cudaStreamPerThread>>>(ptr<const From>(src),
-                                                                       ptr<To>(dst), n);
+      if (reorder)
+        reorder_kernel<<<blocks_for(n), kThreads, 0, cudaStreamPerThread>>>(
+            ptr<const From>(src), ptr<To>(dst), src.dim(1), src.dim(2) * src.dim(3), n,
+            dst.channels_last());
+      else
+        cast_kernel<<<blocks_for(n), kThreads, 0, cudaStreamPerThread>>>(ptr<const From>(src),
+                                                                         ptr<To>(dst), n);
     });
   });
   check_launch("cast");

@@ -1,9 +1,11 @@
-// CUDA batch normalisation pieces (math in kernels/batchnorm.h), mirroring the CPU engine: the
-// per-channel reductions accumulate in double, each channel split over up to 64 blocks whose
-// partial sums a second kernel adds in a fixed order (deterministic; the variance in one pass over
-// values shifted by the channel's first one), the elementwise parts a block row per plane. Outputs
-// are overwritten. The activations (x, y, dy, dx) are float32 or 16-bit, all of one dtype;
-// statistics and parameters float32.
+// CUDA batch normalisation pieces (math in kernels/batchnorm.h), mirroring the CPU engine. The
+// per-channel reductions accumulate in double, each channel split over several blocks whose
+// partial sums a second kernel adds in a fixed order (deterministic); the variance takes one pass
+// over values shifted by the channel's first one. NCHW: a block per (channel, slice of images);
+// channels-last: a block per (32 adjacent channels, slice of rows). The elementwise parts walk
+// planes (NCHW) or values (channels-last). Outputs are overwritten. The activations (x, y, dy,
+// dx) are float32 or 16-bit, all of one dtype and memory format; statistics and parameters
+// float32.
 #include <algorithm>
 
 #include "kernels/batchnorm.h"
@@ -14,8 +16,10 @@ namespace {
 
 struct Dims {
   int64_t N, C, P;
+  bool last;  // channels-last: value (m, c) of row m = n*P + p at m*C + c
 };
-// The activations of one dtype, the statistics and parameters float32, all on x's device.
+// The activations of one dtype and layout, the statistics and parameters float32, all on x's
+// device.
 Dims dims(const char* op, std::initializer_list<const Tensor*> acts,
           std::initializer_list<const Tensor*> stats) {
   check_activations(op, acts);
@@ -24,17 +28,31 @@ Dims dims(const char* op, std::initializer_list<const Tensor*> acts,
   DPT_ASSERT((*stats.begin())->device() == x.device(), op, ": operands on two devices");
   DPT_ASSERT(x.ndim() == 4 || x.ndim() == 2, "batchnorm expects NCHW or NC, got ",
              shape_str(x.shape()));
-  return {x.dim(0), x.dim(1), x.ndim() == 4 ? x.dim(2) * x.dim(3) : 1};
+  return {x.dim(0), x.dim(1), x.ndim() == 4 ? x.dim(2) * x.dim(3) : 1, x.channels_last()};
 }
 
 constexpr int kReduceThreads = 256;
+constexpr int kLastChannels = 32, kLastRows = 8;  // channels-last reduction blocks: 256 threads
 
-// Blocks per channel for the reductions: each takes the images n = s, s + S, ... of its channel
-// (whole planes, read contiguously), at least about 16 values a thread, at most 64 slices (and
-// no more than N), so that a layer with few channels still spreads over every SM.
-int slices(const Dims& d) {
-  const int64_t want = (d.N * d.P + 16 * kReduceThreads - 1) / (16 * kReduceThreads);
-  return int(std::max<int64_t>(1, std::min<int64_t>({want, d.N, 64})));
+// The reductions' launch: blocks (channels, slices) and threads. NCHW: a block per channel and
+// slice, the slice taking images n = s, s + S, ... (whole planes), at most 64 slices and no more
+// than N; channels-last: a block per 32 channels and slice of rows, at most 256 slices. Either
+// way at least about 16 values a thread, so that a layer with few channels still fills the SMs.
+struct Launch {
+  dim3 blocks, threads;
+  int S;
+};
+Launch reduction(const Dims& d) {
+  const int64_t M = d.N * d.P;
+  if (d.last) {
+    const int64_t want = (M + 16 * kLastRows - 1) / (16 * kLastRows);
+    const int S = int(std::clamp<int64_t>(want, 1, 256));
+    return {dim3(unsigned((d.C + kLastChannels - 1) / kLastChannels), unsigned(S)),
+            dim3(kLastChannels, kLastRows), S};
+  }
+  const int64_t want = (M + 16 * kReduceThreads - 1) / (16 * kReduceThreads);
+  const int S = int(std::max<int64_t>(1, std::min<int64_t>({want, d.N, 64})));
+  return {dim3(unsigned(d.C), unsigned(S)), dim3(kReduceThreads), S};
 }
 
 // Per-channel partial sums in double, [C][S][2], from the slice kernels to the final ones.
@@ -42,56 +60,71 @@ Tensor partials(const Dims& d, int S, const Device& dev) {
   return Tensor({d.C * S * 2}, DType::I64, dev);  // 8-byte elements holding doubles
 }
 
-__device__ double block_sum(double v, double* shared) {
-  shared[threadIdx.x] = v;
-  __syncthreads();
-  for (int s = kReduceThreads / 2; s > 0; s /= 2) {
-    if (int(threadIdx.x) < s) shared[threadIdx.x] += shared[threadIdx.x + s];
-    __syncthreads();
-  }
-  const double r = shared[0];
-  __syncthreads();
-  return r;
+// This thread's channel in a reduction block.
+__device__ int64_t channel(const Dims& d) {
+  return d.last ? int64_t(blockIdx.x) * kLastChannels + threadIdx.x : int64_t(blockIdx.x);
 }
 
-// Calls f(value index) for every value of channel blockIdx.x in this block's slice blockIdx.y;
-// the two sums the block's threads gather go to part[c][s]. Planes of at least a block's width
-// are walked one by one; smaller ones (7x7 maps, NC inputs) as one run over the slice's images,
-// so that the threads stay busy.
+// Calls f(value index, a, b) for every value of this thread's channel in the block's slice, and
+// writes the block's sums of a and b to part[c][s]. NCHW: planes of at least a block's width are
+// walked one by one, smaller ones (7x7 maps, NC inputs) as one run over the slice's images so
+// that the threads stay busy; channels-last: the 8 rows of threads step through the slice's rows.
 template <typename F>
 __device__ void slice_sums(const Dims& d, double* part, F f) {
-  __shared__ double shared[kReduceThreads];
-  const int64_t c = blockIdx.x;
+  const int64_t c = channel(d);
   double a = 0, b = 0;
-  if (d.P >= kReduceThreads) {
-    for (int64_t n = blockIdx.y; n < d.N; n += gridDim.y)
-      for (int64_t p = threadIdx.x; p < d.P; p += kReduceThreads) f((n * d.C + c) * d.P + p, a, b);
+  if (d.last) {
+    __shared__ double sa[kLastRows][kLastChannels], sb[kLastRows][kLastChannels];
+    if (c < d.C)
+      for (int64_t m = int64_t(blockIdx.y) * kLastRows + threadIdx.y; m < d.N * d.P;
+           m += int64_t(gridDim.y) * kLastRows)
+        f(m * d.C + c, a, b);
+    sa[threadIdx.y][threadIdx.x] = a;
+    sb[threadIdx.y][threadIdx.x] = b;
+    __syncthreads();
+    if (threadIdx.y != 0 || c >= d.C) return;
+    for (int r = 1; r < kLastRows; ++r) a += sa[r][threadIdx.x], b += sb[r][threadIdx.x];
   } else {
-    const int64_t images = (d.N - blockIdx.y + gridDim.y - 1) / gridDim.y;  // n = y, y + S, ...
-    for (int64_t j = threadIdx.x; j < images * d.P; j += kReduceThreads) {
-      const int64_t n = blockIdx.y + (j / d.P) * gridDim.y;
-      f((n * d.C + c) * d.P + j % d.P, a, b);
+    __shared__ double shared[kReduceThreads];
+    if (d.P >= kReduceThreads) {
+      for (int64_t n = blockIdx.y; n < d.N; n += gridDim.y)
+        for (int64_t p = threadIdx.x; p < d.P; p += kReduceThreads)
+          f((n * d.C + c) * d.P + p, a, b);
+    } else {
+      const int64_t images = (d.N - blockIdx.y + gridDim.y - 1) / gridDim.y;  // n = y, y + S, ...
+      for (int64_t j = threadIdx.x; j < images * d.P; j += kReduceThreads) {
+        const int64_t n = blockIdx.y + (j / d.P) * gridDim.y;
+        f((n * d.C + c) * d.P + j % d.P, a, b);
+      }
     }
+    for (double* v : {&a, &b}) {
+      shared[threadIdx.x] = *v;
+      __syncthreads();
+      for (int s = kReduceThreads / 2; s > 0; s /= 2) {
+        if (int(threadIdx.x) < s) shared[threadIdx.x] += shared[threadIdx.x + s];
+        __syncthreads();
+      }
+      *v = shared[0];
+      __syncthreads();
+    }
+    if (threadIdx.x != 0) return;
   }
-  a = block_sum(a, shared);
-  b = block_sum(b, shared);
-  if (threadIdx.x == 0) {
-    part[(c * gridDim.y + blockIdx.y) * 2] = a;
-    part[(c * gridDim.y + blockIdx.y) * 2 + 1] = b;
-  }
+  part[(c * gridDim.y + blockIdx.y) * 2] = a;
+  part[(c * gridDim.y + blockIdx.y) * 2 + 1] = b;
 }
 
-// Sums of (x - k) and (x - k)^2, k being the channel's first value (0 if it is not finite): one
-// pass, and shifted so that the variance E[(x-k)^2] - E[x-k]^2 keeps double's precision.
+// The channel's first value (0 if it is not finite), the shift of the variance's one pass.
 template <typename T>
 __device__ double shift_of(const T* x, int64_t c, const Dims& d) {
-  const double k = ld(x[c * d.P]);
+  const double k = ld(x[d.last ? c : c * d.P]);
   return isfinite(k) ? k : 0.0;
 }
 
+// Sums of (x - k) and (x - k)^2, so that E[(x-k)^2] - E[x-k]^2 keeps double's precision.
 template <typename T>
 __global__ void stats_slices(const T* x, double* part, Dims d) {
-  const double k = shift_of(x, blockIdx.x, d);
+  const int64_t c = channel(d);
+  const double k = c < d.C ? shift_of(x, c, d) : 0.0;
   slice_sums(d, part, [&](int64_t i, double& a, double& b) {
     const double v = ld(x[i]) - k;
     a += v;
@@ -122,7 +155,8 @@ __device__ float grad_at(const T* dy, const T* relu_y, int64_t i) {
 template <typename T>
 __global__ void grad_slices(const T* dy, const T* relu_y, const T* x, const float* mean,
                             double* part, Dims d) {
-  const double mu = mean[blockIdx.x];
+  const int64_t c = channel(d);
+  const double mu = c < d.C ? mean[c] : 0.0;
   slice_sums(d, part, [&](int64_t i, double& a, double& b) {
     const double g = grad_at(dy, relu_y, i);
     a += g;
@@ -140,29 +174,61 @@ __global__ void grad_final(const double* part, int S, const float* var, float ep
   sum_dy_xhat[c] = float(b / sqrt(double(var[c]) + eps));
 }
 
-// The elementwise kernels: blockIdx.y walks the planes (n, c), blockIdx.x and the threads the
-// plane's P values, so the channel is found once a plane and not once a value.
+// The elementwise kernels call f(value index, channel) for every value. NCHW: blockIdx.y walks
+// the planes (n, c), blockIdx.x and the threads the plane's values, so the channel is found once
+// a plane; channels-last: a grid-stride loop over the values, the channel being i % C.
 struct Grid {
   dim3 blocks, threads;
 };
-Grid plane_grid(const Dims& d) {
+Grid elementwise_grid(const Dims& d) {
+  if (d.last) return {dim3(blocks_for(d.N * d.C * d.P)), dim3(kThreads)};
   const unsigned threads = unsigned(std::min<int64_t>(256, (d.P + 31) / 32 * 32));
   const int64_t across = std::min<int64_t>(64, (d.P + threads - 1) / threads);
   return {dim3(unsigned(across), unsigned(std::min<int64_t>(d.N * d.C, 65535))), dim3(threads)};
 }
+template <typename F>
+__device__ void for_each_value(const Dims& d, F f) {
+  if (d.last) {
+    for (int64_t i = int64_t(blockIdx.x) * blockDim.x + threadIdx.x; i < d.N * d.C * d.P;
+         i += int64_t(gridDim.x) * blockDim.x)
+      f(i, i % d.C);
+    return;
+  }
+  for (int64_t q = blockIdx.y; q < d.N * d.C; q += gridDim.y)
+    for (int64_t p = int64_t(blockIdx.x) * blockDim.x + threadIdx.x; p < d.P;
+         p += int64_t(gridDim.x) * blockDim.x)
+      f(q * d.P + p, q % d.C);
+}
+
+// The elementwise parts' per-channel coefficients, computed once a call: forward k[0..C) the
+// scale, k[C..2C) the shift; backward gamma * invstd, invstd, mean, sum_dy / M, sum_dy_xhat / M.
+__global__ void forward_coefs(const float* mean, const float* var, const float* gamma,
+                              const float* beta, float eps, float* k, int64_t C) {
+  const int64_t c = int64_t(blockIdx.x) * blockDim.x + threadIdx.x;
+  if (c >= C) return;
+  const float scale = gamma[c] / sqrtf(var[c] + eps);
+  k[c] = scale;
+  k[C + c] = beta[c] - mean[c] * scale;
+}
+__global__ void backward_coefs(const float* mean, const float* var, const float* gamma,
+                               const float* sum_dy, const float* sum_dy_xhat, float eps,
+                               float count, float* k, int64_t C) {
+  const int64_t c = int64_t(blockIdx.x) * blockDim.x + threadIdx.x;
+  if (c >= C) return;
+  const float invstd = 1.0f / sqrtf(var[c] + eps);
+  k[c] = gamma[c] * invstd;
+  k[C + c] = invstd;
+  k[2 * C + c] = mean[c];
+  k[3 * C + c] = sum_dy[c] / count;
+  k[4 * C + c] = sum_dy_xhat[c] / count;
+}
 
 template <typename T>
-__global__ void normalize(const T* x, const float* mean, const float* var, const float* gamma,
-                          const float* beta, float eps, bool relu, T* y, Dims d) {
-  for (int64_t q = blockIdx.y; q < d.N * d.C; q += gridDim.y) {
-    const int64_t c = q % d.C;
-    const float scale = gamma[c] / sqrtf(var[c] + eps), shift = beta[c] - mean[c] * scale;
-    for (int64_t p = int64_t(blockIdx.x) * blockDim.x + threadIdx.x; p < d.P;
-         p += int64_t(gridDim.x) * blockDim.x) {
-      const float v = ld(x[q * d.P + p]) * scale + shift;
-      y[q * d.P + p] = st<T>(relu && !(v > 0) ? 0.0f : v);
-    }
-  }
+__global__ void normalize(const T* x, const float* k, bool relu, T* y, Dims d) {
+  for_each_value(d, [&](int64_t i, int64_t c) {
+    const float v = ld(x[i]) * k[c] + k[d.C + c];
+    y[i] = st<T>(relu && !(v > 0) ? 0.0f : v);
+  });
 }
 
 __global__ void running(float* rm, float* rv, int64_t* batches, const float* mean, const float* var,
@@ -176,19 +242,13 @@ __global__ void running(float* rm, float* rv, int64_t* batches, const float* mea
 }
 
 template <typename T>
-__global__ void backward_data(const T* dy, const T* relu_y, const T* x, const float* mean,
-                              const float* var, const float* gamma, const float* sum_dy,
-                              const float* sum_dy_xhat, float eps, float count, T* dx, Dims d) {
-  for (int64_t q = blockIdx.y; q < d.N * d.C; q += gridDim.y) {
-    const int64_t c = q % d.C;
-    const float invstd = 1.0f / sqrtf(var[c] + eps), mu = mean[c], k = gamma[c] * invstd;
-    const float a = sum_dy[c] / count, b = sum_dy_xhat[c] / count;
-    for (int64_t p = int64_t(blockIdx.x) * blockDim.x + threadIdx.x; p < d.P;
-         p += int64_t(gridDim.x) * blockDim.x) {
-      const int64_t i = q * d.P + p;
-      dx[i] = st<T>(k * (grad_at(dy, relu_y, i) - a - (ld(x[i]) - mu) * invstd * b));
-    }
-  }
+__global__ void backward_data(const T* dy, const T* relu_y, const T* x, const float* k, T* dx,
+                              Dims d) {
+  const int64_t C = d.C;
+  for_each_value(d, [&](int64_t i, int64_t c) {
+    dx[i] = st<T>(k[c] * (grad_at(dy, relu_y, i) - k[3 * C + c] -
+                          (ld(x[i]) - k[2 * C + c]) * k[C + c] * k[4 * C + c]));
+  });
 }
 
 }  // namespace
@@ -202,15 +262,14 @@ void batchnorm_stats(const Tensor& x, Tensor& mean, Tensor& var) {
     DPT_CUDA(cudaMemsetAsync(var.raw(), 0xff, var.nbytes(), cudaStreamPerThread));
     return;
   }
-  const int S = slices(d);
-  const Tensor part = partials(d, S, x.device());
+  const Launch l = reduction(d);
+  const Tensor part = partials(d, l.S, x.device());
   double* pp = static_cast<double*>(part.raw());
   with_type(x.dtype(), [&](auto type) {
     using T = typename decltype(type)::type;
-    stats_slices<<<dim3(unsigned(d.C), unsigned(S)), kReduceThreads, 0, cudaStreamPerThread>>>(
-        ptr<const T>(x), pp, d);
+    stats_slices<<<l.blocks, l.threads, 0, cudaStreamPerThread>>>(ptr<const T>(x), pp, d);
     stats_final<<<blocks_for(d.C), kThreads, 0, cudaStreamPerThread>>>(
-        ptr<const T>(x), pp, S, mean.data<float>(), var.data<float>(), d);
+        ptr<const T>(x), pp, l.S, mean.data<float>(), var.data<float>(), d);
   });
   check_launch("batchnorm_stats");
 }
@@ -220,12 +279,15 @@ void batchnorm_forward(const Tensor& x, const Tensor& mean, const Tensor& var, c
   const Dims d = dims("batchnorm_forward", {&x, &y}, {&mean, &var, &gamma, &beta});
   DPT_CUDA(cudaSetDevice(x.device().index));
   if (d.N * d.C * d.P == 0) return;
-  const Grid g = plane_grid(d);
+  const Grid g = elementwise_grid(d);
+  Tensor k({2 * d.C}, DType::F32, x.device());
+  forward_coefs<<<blocks_for(d.C), kThreads, 0, cudaStreamPerThread>>>(
+      mean.data<float>(), var.data<float>(), gamma.data<float>(), beta.data<float>(), eps,
+      k.data<float>(), d.C);
   with_type(x.dtype(), [&](auto type) {
     using T = typename decltype(type)::type;
-    normalize<<<g.blocks, g.threads, 0, cudaStreamPerThread>>>(
-        ptr<const T>(x), mean.data<float>(), var.data<float>(), gamma.data<float>(),
-        beta.data<float>(), eps, relu, ptr<T>(y), d);
+    normalize<<<g.blocks, g.threads, 0, cudaStreamPerThread>>>(ptr<const T>(x), k.data<float>(),
+                                                               relu, ptr<T>(y), d);
   });
   check_launch("batchnorm_forward");
 }
@@ -252,19 +314,19 @@ void batchnorm_backward_reduce(const Tensor& dy, const Tensor* relu_y, const Ten
                       {&mean, &var, &sum_dy, &sum_dy_xhat});
   if (d.C == 0) return;
   DPT_CUDA(cudaSetDevice(x.device().index));
-  const int S = slices(d);
-  const Tensor part = partials(d, S, x.device());
+  const Launch l = reduction(d);
+  const Tensor part = partials(d, l.S, x.device());
   double* pp = static_cast<double*>(part.raw());
   if (d.N * d.P == 0) DPT_CUDA(cudaMemsetAsync(pp, 0, part.nbytes(), cudaStreamPerThread));
   with_type(x.dtype(), [&](auto type) {
     using T = typename decltype(type)::type;
     if (d.N * d.P > 0)
-      grad_slices<<<dim3(unsigned(d.C), unsigned(S)), kReduceThreads, 0, cudaStreamPerThread>>>(
+      grad_slices<<<l.blocks, l.threads, 0, cudaStreamPerThread>>>(
           ptr<const T>(dy), relu_y ? ptr<const T>(*relu_y) : nullptr, ptr<const T>(x),
           mean.data<float>(), pp, d);
   });
   grad_final<<<blocks_for(d.C), kThreads, 0, cudaStreamPerThread>>>(
-      pp, S, var.data<float>(), eps, sum_dy.data<float>(), sum_dy_xhat.data<float>(), d.C);
+      pp, l.S, var.data<float>(), eps, sum_dy.data<float>(), sum_dy_xhat.data<float>(), d.C);
   check_launch("batchnorm_backward_reduce");
 }
 
@@ -276,13 +338,16 @@ void batchnorm_backward_data(const Tensor& dy, const Tensor* relu_y, const Tenso
                       {&mean, &var, &gamma, &sum_dy, &sum_dy_xhat});
   DPT_CUDA(cudaSetDevice(x.device().index));
   if (d.N * d.C * d.P == 0) return;
-  const Grid g = plane_grid(d);
+  const Grid g = elementwise_grid(d);
+  Tensor k({5 * d.C}, DType::F32, x.device());
+  backward_coefs<<<blocks_for(d.C), kThreads, 0, cudaStreamPerThread>>>(
+      mean.data<float>(), var.data<float>(), gamma.data<float>(), sum_dy.data<float>(),
+      sum_dy_xhat.data<float>(), eps, float(count), k.data<float>(), d.C);
   with_type(x.dtype(), [&](auto type) {
     using T = typename decltype(type)::type;
     backward_data<<<g.blocks, g.threads, 0, cudaStreamPerThread>>>(
         ptr<const T>(dy), relu_y ? ptr<const T>(*relu_y) : nullptr, ptr<const T>(x),
-        mean.data<float>(), var.data<float>(), gamma.data<float>(), sum_dy.data<float>(),
-        sum_dy_xhat.data<float>(), eps, float(count), ptr<T>(dx), d);
+        k.data<float>(), ptr<T>(dx), d);
   });
   check_launch("batchnorm_backward_data");
 }

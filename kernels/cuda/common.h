@@ -113,15 +113,16 @@ template <typename T>
 T* ptr(const Tensor& t) {
   return static_cast<T*>(t.raw());
 }
-// Every operand a float32, float16 or bfloat16 tensor of the first one's dtype and device.
+// Every operand a float32, float16 or bfloat16 tensor of the first one's dtype, memory format and
+// device.
 inline void check_activations(const char* op, std::initializer_list<const Tensor*> ts) {
   const Tensor* first = *ts.begin();
   for (const Tensor* t : ts) {
     DPT_ASSERT(
         t->defined() && t->device().is_cuda() && t->device() == first->device() &&
-            t->dtype() == first->dtype() &&
+            t->dtype() == first->dtype() && t->channels_last() == first->channels_last() &&
             (t->dtype() == DType::F32 || t->dtype() == DType::F16 || t->dtype() == DType::BF16),
-        op, ": operands must be float tensors of one dtype on one cuda device");
+        op, ": operands must be float tensors of one dtype and layout on one cuda device");
   }
 }
 

@@ -26,7 +26,8 @@ struct Descriptors {
   cudnnTensorDescriptor_t x = nullptr, y = nullptr;
   cudnnFilterDescriptor_t w = nullptr;
   cudnnConvolutionDescriptor_t conv = nullptr;
-  Descriptors(const Tensor& xt, const Tensor& wt, const Tensor& yt, const Conv2dParams& p) {
+  Descriptors(const Tensor& xt, const Tensor& wt, const Tensor& yt, const Conv2dParams& p,
+              bool nhwc) {
     DPT_CUDNN(cudnnCreateTensorDescriptor(&x));
     DPT_CUDNN(cudnnCreateTensorDescriptor(&y));
     DPT_CUDNN(cudnnCreateFilterDescriptor(&w));
@@ -34,12 +35,13 @@ struct Descriptors {
     const cudnnDataType_t t = p.precision == Precision::FP16   ? CUDNN_DATA_HALF
                               : p.precision == Precision::BF16 ? CUDNN_DATA_BFLOAT16
                                                                : CUDNN_DATA_FLOAT;
-    DPT_CUDNN(cudnnSetTensor4dDescriptor(x, CUDNN_TENSOR_NCHW, t, int(xt.dim(0)), int(xt.dim(1)),
-                                         int(xt.dim(2)), int(xt.dim(3))));
-    DPT_CUDNN(cudnnSetTensor4dDescriptor(y, CUDNN_TENSOR_NCHW, t, int(yt.dim(0)), int(yt.dim(1)),
-                                         int(yt.dim(2)), int(yt.dim(3))));
-    DPT_CUDNN(cudnnSetFilter4dDescriptor(w, t, CUDNN_TENSOR_NCHW, int(wt.dim(0)), int(wt.dim(1)),
-                                         int(wt.dim(2)), int(wt.dim(3))));
+    const cudnnTensorFormat_t f = nhwc ? CUDNN_TENSOR_NHWC : CUDNN_TENSOR_NCHW;
+    DPT_CUDNN(cudnnSetTensor4dDescriptor(x, f, t, int(xt.dim(0)), int(xt.dim(1)), int(xt.dim(2)),
+                                         int(xt.dim(3))));
+    DPT_CUDNN(cudnnSetTensor4dDescriptor(y, f, t, int(yt.dim(0)), int(yt.dim(1)), int(yt.dim(2)),
+                                         int(yt.dim(3))));
+    DPT_CUDNN(cudnnSetFilter4dDescriptor(w, t, f, int(wt.dim(0)), int(wt.dim(1)), int(wt.dim(2)),
+                                         int(wt.dim(3))));
     DPT_CUDNN(cudnnSetConvolution2dDescriptor(conv, p.pad, p.pad, p.stride, p.stride, 1, 1,
                                               CUDNN_CROSS_CORRELATION, CUDNN_DATA_FLOAT));
     const cudnnMathType_t math = p.precision == Precision::FP32   ? CUDNN_FMA_MATH
@@ -57,24 +59,29 @@ struct Descriptors {
   Descriptors& operator=(const Descriptors&) = delete;
 };
 
-// Shape key: device, N, C, H, W, K, R, S, stride, pad, precision.
-using Key = std::array<int64_t, 11>;
-Key key_of(const Tensor& x, const Tensor& w, const Conv2dParams& p) {
-  return {x.device().index, x.dim(0), x.dim(1), x.dim(2), x.dim(3),        w.dim(0),
-          w.dim(2),         w.dim(3), p.stride, p.pad,    int(p.precision)};
+// Shape key: device, N, C, H, W, K, R, S, stride, pad, precision, channels-last.
+using Key = std::array<int64_t, 12>;
+Key key_of(const Tensor& x, const Tensor& w, const Conv2dParams& p, bool nhwc) {
+  return {x.device().index, x.dim(0), x.dim(1), x.dim(2), x.dim(3),         w.dim(0),
+          w.dim(2),         w.dim(3), p.stride, p.pad,    int(p.precision), int(nhwc)};
 }
 
-// What cuDNN reads for operand t in format fmt (t itself if it has that dtype, else a converted
-// copy kept in `copy`), and where it writes an output t (t itself if it has that dtype, else a
+// What cuDNN reads for operand t in dtype fmt and memory format nhwc (t itself if it is stored so,
+// else a converted copy kept in `copy`; the weights, [K, C, R, S], channels-last are cuDNN's
+// NHWC filter layout), and where it writes an output t (t itself if it is stored so, else a
 // `copy` to cast into t afterwards).
-const void* input_of(const Tensor& t, DType fmt, Tensor& copy) {
-  if (t.dtype() == fmt) return t.raw();
-  copy = dpt::cast_to(t, fmt);
+bool stored_as(const Tensor& t, DType fmt, bool nhwc) {
+  return t.dtype() == fmt && t.channels_last() == nhwc;
+}
+const void* input_of(const Tensor& t, DType fmt, bool nhwc, Tensor& copy) {
+  if (stored_as(t, fmt, nhwc)) return t.raw();
+  copy = dpt::cast_to(t, fmt, nhwc);
   return copy.raw();
 }
-void* output_of(Tensor& t, DType fmt, Tensor& copy) {
-  if (t.dtype() == fmt) return t.raw();
+void* output_of(Tensor& t, DType fmt, bool nhwc, Tensor& copy) {
+  if (stored_as(t, fmt, nhwc)) return t.raw();
   copy = Tensor(t.shape(), fmt, t.device());
+  copy.set_channels_last(nhwc);
   return copy.raw();
 }
 
@@ -120,10 +127,11 @@ struct Plan {
   std::unique_ptr<Descriptors> d;
   Algos a;
 };
-Plan& plan_for(const Tensor& x, const Tensor& w, const Tensor& y, const Conv2dParams& p) {
+Plan& plan_for(const Tensor& x, const Tensor& w, const Tensor& y, const Conv2dParams& p,
+               bool nhwc) {
   thread_local std::map<Key, Plan> cache;
-  Plan& plan = cache[key_of(x, w, p)];
-  if (!plan.d) plan.d = std::make_unique<Descriptors>(x, w, y, p);
+  Plan& plan = cache[key_of(x, w, p, nhwc)];
+  if (!plan.d) plan.d = std::make_unique<Descriptors>(x, w, y, p, nhwc);
   return plan;
 }
 
@@ -174,19 +182,23 @@ void* workspace(int dev, size_t bytes) {
 
 }  // namespace
 
+// Convolutions run in their output's memory format (y forward, dy backward): channels-last
+// activations make cuDNN's NHWC tensor-core kernels usable without transposes.
 void conv2d_forward(const Tensor& x, const Tensor& w, Tensor& y, const Conv2dParams& p) {
   check("conv2d_forward", {&x, &y}, w);
   Handles& h = handles_for(x);
-  Plan& plan = plan_for(x, w, y, p);
+  const bool nhwc = y.channels_last();
+  Plan& plan = plan_for(x, w, y, p, nhwc);
   const Descriptors& d = *plan.d;
   Algos& a = plan.a;
   choose_fwd(h.cudnn, d, a);
   const float one = 1.0f, zero = 0.0f;
-  const DType fmt = rounding_of(p.precision);  // F16/BF16: cuDNN works on 16-bit copies
+  const DType fmt = rounding_of(p.precision);  // F16/BF16: cuDNN works on 16-bit operands
   Tensor xh, wh, yh;
-  DPT_CUDNN(cudnnConvolutionForward(
-      h.cudnn, &one, d.x, input_of(x, fmt, xh), d.w, input_of(w, fmt, wh), d.conv, a.fwd,
-      workspace(x.device().index, a.fwd_ws), a.fwd_ws, &zero, d.y, output_of(y, fmt, yh)));
+  DPT_CUDNN(cudnnConvolutionForward(h.cudnn, &one, d.x, input_of(x, fmt, nhwc, xh), d.w,
+                                    input_of(w, fmt, nhwc, wh), d.conv, a.fwd,
+                                    workspace(x.device().index, a.fwd_ws), a.fwd_ws, &zero, d.y,
+                                    output_of(y, fmt, nhwc, yh)));
   if (yh.defined()) cuda::cast(yh, y);
 }
 
@@ -196,20 +208,22 @@ void conv2d_backward(const Tensor& dy, const Tensor& x, const Tensor& w, Tensor*
   check_operands("conv2d_backward", {&w, &dw});
   if (dx) check("conv2d_backward", {dx}, w);
   Handles& h = handles_for(x);
-  Plan& plan = plan_for(x, w, dy, p);
+  const bool nhwc = dy.channels_last();
+  Plan& plan = plan_for(x, w, dy, p, nhwc);
   const Descriptors& d = *plan.d;
   Algos& a = plan.a;
   const float one = 1.0f, zero = 0.0f;
   const int dev = x.device().index;
-  const DType fmt = rounding_of(p.precision);  // F16/BF16: cuDNN works on 16-bit copies
+  const DType fmt = rounding_of(p.precision);  // F16/BF16: cuDNN works on 16-bit operands
   Tensor dyh, xh, wh, dwh, dxh;
-  const void* dyp = input_of(dy, fmt, dyh);
+  const void* dyp = input_of(dy, fmt, nhwc, dyh);
   choose_filter(h.cudnn, d, a);
-  // A 16-bit dw is this call's part alone (beta 0), added to dw once cast back.
-  DPT_CUDNN(cudnnConvolutionBackwardFilter(h.cudnn, &one, d.x, input_of(x, fmt, xh), d.y, dyp,
+  // dw is accumulated in place when cuDNN can write it (float32, NCHW); otherwise this call's
+  // part (beta 0) goes to a copy that is cast back and added.
+  void* dwp = output_of(dw, fmt, nhwc, dwh);
+  DPT_CUDNN(cudnnConvolutionBackwardFilter(h.cudnn, &one, d.x, input_of(x, fmt, nhwc, xh), d.y, dyp,
                                            d.conv, a.bwd_filter, workspace(dev, a.filter_ws),
-                                           a.filter_ws, fmt == DType::F32 ? &one : &zero, d.w,
-                                           output_of(dw, fmt, dwh)));
+                                           a.filter_ws, dwh.defined() ? &zero : &one, d.w, dwp));
   if (dwh.defined()) {
     Tensor part(dw.shape(), DType::F32, dw.device());
     cuda::cast(dwh, part);
@@ -217,9 +231,9 @@ void conv2d_backward(const Tensor& dy, const Tensor& x, const Tensor& w, Tensor*
   }
   if (!dx) return;
   choose_data(h.cudnn, d, a);
-  DPT_CUDNN(cudnnConvolutionBackwardData(h.cudnn, &one, d.w, input_of(w, fmt, wh), d.y, dyp, d.conv,
-                                         a.bwd_data, workspace(dev, a.data_ws), a.data_ws, &zero,
-                                         d.x, output_of(*dx, fmt, dxh)));
+  DPT_CUDNN(cudnnConvolutionBackwardData(h.cudnn, &one, d.w, input_of(w, fmt, nhwc, wh), d.y, dyp,
+                                         d.conv, a.bwd_data, workspace(dev, a.data_ws), a.data_ws,
+                                         &zero, d.x, output_of(*dx, fmt, nhwc, dxh)));
   if (dxh.defined()) cuda::cast(dxh, *dx);
 }
 
