@@ -14,7 +14,9 @@
 // adds "replicas" and, per timed step, "communication_ms" (inside the all-reduces) and
 // "exposed_communication_ms" (the part backward's end waited for).
 //
-//   bench_gpu MODEL BATCH STEPS [fp32|tf32|fp16|bf16] [dp]
+// With "nchw", fp16 and bf16 keep NCHW activations (channels-last off), for comparison.
+//
+//   bench_gpu MODEL BATCH STEPS [fp32|tf32|fp16|bf16] [dp|nchw]
 #include <cuda_runtime.h>
 
 #include <chrono>
@@ -63,7 +65,8 @@ int main(int argc, char** argv) {
     }
     model->set_precision(dpt::parse_precision(precision));
     // As dptrain train --channels-last auto: channels-last activations in fp16 and bf16.
-    model->set_channels_last(precision == "fp16" || precision == "bf16");
+    const bool nchw = argc > 5 && std::string(argv[5]) == "nchw";
+    model->set_channels_last(!nchw && (precision == "fp16" || precision == "bf16"));
     const int replicas = dp ? dp->num_replicas() : 1;
     dpt::GradScaler scaler;
     model->train();

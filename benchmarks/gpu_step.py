@@ -5,7 +5,8 @@ the loss read back every step), in one run, at fp32 (TF32 off), tf32 (convolutio
 tensor cores, matmuls fp32: PyTorch's defaults), fp16 and bf16. PyTorch runs the
 16-bit precisions as its users would: autocast, channels_last, GradScaler for fp16. Prints a table
 with ratios. Then dptrain's DataParallel over every visible GPU (NCCL) at fp32 against the bare
-model: the wrapper's overhead and how much of the gradient all-reduce backward hides.
+model: the wrapper's overhead and how much of the gradient all-reduce backward hides. Last,
+dptrain's fp16 with NCHW activations, against its default channels-last.
 
   python3 benchmarks/gpu_step.py --binary gpu-bundle/bin/bench_gpu [--model resnet152]
                                  [--batch 64] [--steps 20] [--markdown PATH]
@@ -117,6 +118,13 @@ def main():
              f"all-reduce {comm:.2f} ms per step, {exposed:.2f} ms of it exposed "
              f"({100 * (1 - exposed / comm) if comm > 0 else 0:.0f}% hidden behind backward); "
              f"peak allocated {dp['peak_bytes'] / 2**30:.2f} GiB on cuda:0.")
+    nchw = ours_step("fp16", "nchw")
+    if nchw is not None and "fp16" in bare:
+        emit("")
+        emit(f"dptrain fp16 with NCHW activations (channels-last off): "
+             f"{nchw['images_per_second']:.1f} img/s, peak allocated "
+             f"{nchw['peak_bytes'] / 2**30:.2f} GiB, against "
+             f"{bare['fp16']['images_per_second']:.1f} img/s channels-last.")
     if args.markdown:
         with open(args.markdown, "w") as f:
             f.write("\n".join(lines) + "\n")
