@@ -64,6 +64,15 @@ void add_rounded_grad(Tensor& grad, DType d, F fill) {
 
 }  // namespace
 
+namespace {
+// Outputs and gradients take the input's dtype and layout.
+Tensor like(const Tensor& t) {
+  Tensor r(t.shape(), t.dtype(), t.device());
+  r.set_channels_last(t.channels_last());
+  return r;
+}
+}  // namespace
+
 // The kernels round the operands and outputs as the precision asks (kernels/conv.h).
 Conv2dParams Conv2d::params() const {
   Conv2dParams p = p_;
@@ -86,10 +95,7 @@ Tensor Conv2d::forward(Tensor x) {
 Tensor Conv2d::backward(Tensor dy) {
   DPT_ASSERT(x_.defined(), "Conv2d::backward without a training-mode forward");
   Tensor dx;
-  if (input_grad_) {
-    dx = Tensor(x_.shape(), x_.dtype(), x_.device());
-    dx.set_channels_last(x_.channels_last());
-  }
+  if (input_grad_) dx = like(x_);
   conv2d_backward(dy, x_, weight.value, input_grad_ ? &dx : nullptr, weight.grad, params());
   grads_ready();
   release();
@@ -104,15 +110,6 @@ BatchNorm2d::BatchNorm2d(int64_t c, float eps, float momentum)
       num_batches_tracked(register_buffer("num_batches_tracked", Tensor::zeros({}, DType::I64))),
       eps_(eps),
       momentum_(momentum) {}
-
-namespace {
-// Outputs and gradients take the input's dtype and layout.
-Tensor like(const Tensor& t) {
-  Tensor r(t.shape(), t.dtype(), t.device());
-  r.set_channels_last(t.channels_last());
-  return r;
-}
-}  // namespace
 
 Tensor BatchNorm2d::forward(Tensor x) {
   Tensor y = like(x);

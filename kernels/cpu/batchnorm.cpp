@@ -7,7 +7,6 @@
 #include <cmath>
 
 #include "kernels/cpu/common.h"
-#include "kernels/elementwise.h"
 
 namespace dpt::cpu {
 
@@ -79,11 +78,9 @@ void batchnorm_forward(const Tensor& x, const Tensor& mean, const Tensor& var, c
 }
 
 namespace {
-// dy * [relu_y > 0], the gradient behind a fused ReLU.
-Tensor masked(const Tensor& dy, const Tensor& relu_y) {
-  Tensor g = dy.clone();
-  cpu::relu_backward_(g, relu_y);
-  return g;
+// dy[p], or 0 where the fused forward's ReLU output ry (if any) is not positive.
+inline float grad_at(const float* g, const float* ry, int64_t p) {
+  return ry && !(ry[p] > 0) ? 0.0f : g[p];
 }
 }  // namespace
 
@@ -104,18 +101,24 @@ void batchnorm_backward_reduce(const Tensor& dy, const Tensor* relu_y, const Ten
                                const Tensor& mean, const Tensor& var, float eps, Tensor& sum_dy,
                                Tensor& sum_dy_xhat) {
   check_layouts("batchnorm_backward_reduce", {&dy, &x});
-  if (relu_y)
-    return cpu::batchnorm_backward_reduce(masked(dy, *relu_y), nullptr, x, mean, var, eps, sum_dy,
-                                          sum_dy_xhat);
-  if (on_float32(
-          [&](Tensor& dyf, Tensor& xf) {
-            cpu::batchnorm_backward_reduce(dyf, nullptr, xf, mean, var, eps, sum_dy, sum_dy_xhat);
-          },
-          dy, x))
+  if (relu_y && on_float32(
+                    [&](Tensor& dyf, Tensor& yf, Tensor& xf) {
+                      cpu::batchnorm_backward_reduce(dyf, &yf, xf, mean, var, eps, sum_dy,
+                                                     sum_dy_xhat);
+                    },
+                    dy, *relu_y, x))
+    return;
+  if (!relu_y && on_float32(
+                     [&](Tensor& dyf, Tensor& xf) {
+                       cpu::batchnorm_backward_reduce(dyf, nullptr, xf, mean, var, eps, sum_dy,
+                                                      sum_dy_xhat);
+                     },
+                     dy, x))
     return;
   Dims d = dims(x);
   const float *gp = dy.data<float>(), *xp = x.data<float>(), *mp = mean.data<float>(),
               *vp = var.data<float>();
+  const float* yp = relu_y ? relu_y->data<float>() : nullptr;
   float *sd = sum_dy.data<float>(), *sdx = sum_dy_xhat.data<float>();
 #pragma omp parallel for schedule(static) if (d.N * d.C * d.P > kParallelMin)
   for (int64_t c = 0; c < d.C; ++c) {
@@ -123,10 +126,12 @@ void batchnorm_backward_reduce(const Tensor& dy, const Tensor* relu_y, const Ten
     double s = 0, sx = 0;
     for (int64_t n = 0; n < d.N; ++n) {
       const float* g = gp + (n * d.C + c) * d.P;
+      const float* ry = yp ? yp + (n * d.C + c) * d.P : nullptr;
       const float* xr = xp + (n * d.C + c) * d.P;
       for (int64_t p = 0; p < d.P; ++p) {
-        s += g[p];
-        sx += g[p] * (xr[p] - mu);
+        const float gv = grad_at(g, ry, p);
+        s += gv;
+        sx += gv * (xr[p] - mu);
       }
     }
     sd[c] = float(s);
@@ -139,20 +144,25 @@ void batchnorm_backward_data(const Tensor& dy, const Tensor* relu_y, const Tenso
                              const Tensor& sum_dy, const Tensor& sum_dy_xhat, float eps,
                              int64_t count, Tensor& dx) {
   check_layouts("batchnorm_backward_data", {&dy, &x, &dx});
-  if (relu_y)
-    return cpu::batchnorm_backward_data(masked(dy, *relu_y), nullptr, x, mean, var, gamma, sum_dy,
-                                        sum_dy_xhat, eps, count, dx);
-  if (on_float32(
-          [&](Tensor& dyf, Tensor& xf, Tensor& dxf) {
-            cpu::batchnorm_backward_data(dyf, nullptr, xf, mean, var, gamma, sum_dy, sum_dy_xhat,
-                                         eps, count, dxf);
-          },
-          dy, x, dx))
+  if (relu_y && on_float32(
+                    [&](Tensor& dyf, Tensor& yf, Tensor& xf, Tensor& dxf) {
+                      cpu::batchnorm_backward_data(dyf, &yf, xf, mean, var, gamma, sum_dy,
+                                                   sum_dy_xhat, eps, count, dxf);
+                    },
+                    dy, *relu_y, x, dx))
+    return;
+  if (!relu_y && on_float32(
+                     [&](Tensor& dyf, Tensor& xf, Tensor& dxf) {
+                       cpu::batchnorm_backward_data(dyf, nullptr, xf, mean, var, gamma, sum_dy,
+                                                    sum_dy_xhat, eps, count, dxf);
+                     },
+                     dy, x, dx))
     return;
   Dims d = dims(x);
   const float *gp = dy.data<float>(), *xp = x.data<float>(), *mp = mean.data<float>(),
               *vp = var.data<float>(), *gam = gamma.data<float>(), *sd = sum_dy.data<float>(),
               *sdx = sum_dy_xhat.data<float>();
+  const float* yp = relu_y ? relu_y->data<float>() : nullptr;
   float* dxp = dx.data<float>();
 #pragma omp parallel for collapse(2) schedule(static) if (d.N * d.C * d.P > kParallelMin)
   for (int64_t n = 0; n < d.N; ++n) {
@@ -160,10 +170,12 @@ void batchnorm_backward_data(const Tensor& dy, const Tensor* relu_y, const Tenso
       const float invstd = 1.0f / std::sqrt(vp[c] + eps);
       const float k = gam[c] * invstd;
       const float* g = gp + (n * d.C + c) * d.P;
+      const float* ry = yp ? yp + (n * d.C + c) * d.P : nullptr;
       const float* xr = xp + (n * d.C + c) * d.P;
       float* out = dxp + (n * d.C + c) * d.P;
       const float a = sd[c] / float(count), b = sdx[c] / float(count), mu = mp[c];
-      for (int64_t p = 0; p < d.P; ++p) out[p] = k * (g[p] - a - (xr[p] - mu) * invstd * b);
+      for (int64_t p = 0; p < d.P; ++p)
+        out[p] = k * (grad_at(g, ry, p) - a - (xr[p] - mu) * invstd * b);
     }
   }
 }
