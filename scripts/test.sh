@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
 # Builds dptrain (installing missing Debian packages) and runs the whole test suite with CTest,
 # then the loaders of untrusted bytes (checkpoints, .pth, safetensors, IDX, images, CIFAR) again
-# under AddressSanitizer + UndefinedBehaviorSanitizer in build-asan/.
+# under AddressSanitizer + UndefinedBehaviorSanitizer in build-asan/, the data loader under
+# ThreadSanitizer in build-tsan/, and the GPU tests on the CPU CUDA emulator in build-emu/
+# (tests/cuda_emu, docs/cuda-emulator.md).
 # Extra arguments go to ctest, e.g. `scripts/test.sh -L fast` or `-E Parity` (and skip the
 # sanitizer run).
 set -euo pipefail
@@ -33,3 +35,18 @@ cmake -S . -B build-tsan -G Ninja -DCMAKE_BUILD_TYPE=Release -DDPTRAIN_SANITIZE=
 cmake --build build-tsan --target test_data
 # One OpenMP thread: Debian's libgomp is not instrumented. A report fails the run (exit 66).
 OMP_NUM_THREADS=1 TSAN_OPTIONS=halt_on_error=1 build-tsan/tests/test_data --gtest_brief=1
+
+echo "== CUDA emulator: the gpu-labelled tests on 2 emulated GPUs (kernels/cuda and the cuDNN,"
+echo "   cuBLAS and NCCL calls run on the CPU; docs/cuda-emulator.md)"
+if [ -z "$(find build -name 'conv.cu.o' -print -quit)" ]; then
+  echo "skipped: this build found no CUDA toolkit with cuDNN (see the CMake output above)"
+  exit 0
+fi
+cmake -S . -B build-emu -G Ninja -DCMAKE_BUILD_TYPE=Release -DDPTRAIN_CUDA_EMULATE=ON \
+  -DDPTRAIN_BENCHMARKS=OFF >/dev/null
+cmake --build build-emu --target test_cuda test_nccl
+# Not here (they need the dptrain binary of the emulator's tree, about 6 more minutes; the README
+# says how to run them): the trainer tests, and one NCCL DataParallel case that AcrossGpus covers.
+export DPT_CUDA_EMU_DEVICES=2
+build-emu/tests/test_cuda --gtest_brief=1 --gtest_filter='-Cuda.Trainer*'
+build-emu/tests/test_nccl --gtest_brief=1 --gtest_filter='-NcclDataParallel.OneGpu*'

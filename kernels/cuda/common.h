@@ -72,7 +72,7 @@ inline void check_f32_cuda(const Tensor& t, const char* what) {
 // Activations are float32, or 16-bit when a model trains in fp16/bf16 (kernels/amp.h). Kernels
 // templated on the element type T load them as float (ld), compute in float and round to nearest
 // even as they store (st<T>); with_type(dtype, f) calls f(Type<T>{}) for the dtype's T.
-#ifdef __CUDACC__
+#if defined(__CUDACC__) || defined(DPTRAIN_CUDA_EMULATED)
 __device__ inline float ld(float v) {
   return v;
 }
