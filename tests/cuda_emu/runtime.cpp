@@ -259,7 +259,9 @@ void run(dim3 grid, dim3 block, size_t arg_bytes, const void* kernel,
 // ---- the CUDA runtime calls dptrain makes, on host memory ----
 namespace {
 
+constexpr size_t kDeviceBytes = size_t(16) << 30;  // what cudaMemGetInfo reports as total
 std::mutex memory_mutex, waits_mutex;
+size_t allocated = 0;                                              // all devices together
 std::map<cudaStream_t, std::vector<std::function<void()>>> waits;  // by stream, for NCCL
 std::map<const char*, size_t> device_blocks, pinned_blocks;        // start -> bytes
 
@@ -342,13 +344,17 @@ cudaError_t cudaMalloc(void** p, size_t bytes) {
   std::memset(m, 0xff, rounded);
   std::lock_guard<std::mutex> lock(memory_mutex);
   device_blocks[m] = rounded;
+  allocated += rounded;
   *p = m;
   return cudaSuccess;
 }
 cudaError_t cudaFree(void* p) {
   if (!p) return cudaSuccess;
   std::lock_guard<std::mutex> lock(memory_mutex);
-  if (device_blocks.erase(static_cast<const char*>(p)) == 0) return fail(cudaErrorInvalidValue);
+  auto it = device_blocks.find(static_cast<const char*>(p));
+  if (it == device_blocks.end()) return fail(cudaErrorInvalidValue);
+  allocated -= it->second;
+  device_blocks.erase(it);
   std::free(p);
   return cudaSuccess;
 }
@@ -398,8 +404,9 @@ cudaError_t cudaMemsetAsync(void* p, int value, size_t bytes, cudaStream_t) {
   return cudaMemset(p, value, bytes);
 }
 cudaError_t cudaMemGetInfo(size_t* free_bytes, size_t* total) {
-  *free_bytes = size_t(8) << 30;
-  *total = size_t(16) << 30;
+  std::lock_guard<std::mutex> lock(memory_mutex);
+  *total = kDeviceBytes;
+  *free_bytes = kDeviceBytes - std::min(kDeviceBytes, allocated);
   return cudaSuccess;
 }
 cudaError_t cudaStreamSynchronize(cudaStream_t stream) {
