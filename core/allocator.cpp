@@ -52,6 +52,12 @@ void CachingAllocator::count_new(int device, void* p, size_t size) {
 }
 
 void* CachingAllocator::allocate(int device, size_t bytes) {
+  void* p = take_or_allocate(device, bytes);
+  if (p && backend_.fill) backend_.fill(device, p, round_size(bytes));
+  return p;
+}
+
+void* CachingAllocator::take_or_allocate(int device, size_t bytes) {
   if (bytes == 0) return nullptr;
   const size_t size = round_size(bytes);
   {
@@ -175,31 +181,42 @@ CachingAllocator& cuda_allocator() {
   // Never destroyed: tensors in static storage may be freed after it would be, and the driver
   // reclaims everything at exit anyway.
   static CachingAllocator* a = new CachingAllocator(
-      AllocatorBackend{.alloc = [](int device, size_t bytes) -> void* {
-                         DPT_CUDA(cudaSetDevice(device));
-                         void* p = nullptr;
-                         const cudaError_t rc = cudaMalloc(&p, bytes);
-                         if (rc == cudaErrorMemoryAllocation) {
-                           cudaGetLastError();  // clears the error so later calls do not report it
-                           return nullptr;
-                         }
-                         DPT_CUDA(rc);
-                         return p;
-                       },
-                       .free =
-                           [](int device, void* p) {
-                             if (cudaSetDevice(device) == cudaSuccess) cudaFree(p);
-                           },
-                       .sync_thread =
-                           [](int device) {
-                             DPT_CUDA(cudaSetDevice(device));
-                             DPT_CUDA(cudaStreamSynchronize(cudaStreamPerThread));
-                           },
-                       .sync_device =
-                           [](int device) {
-                             DPT_CUDA(cudaSetDevice(device));
-                             DPT_CUDA(cudaDeviceSynchronize());
-                           }},
+      AllocatorBackend{
+          .alloc = [](int device, size_t bytes) -> void* {
+            DPT_CUDA(cudaSetDevice(device));
+            void* p = nullptr;
+            const cudaError_t rc = cudaMalloc(&p, bytes);
+            if (rc == cudaErrorMemoryAllocation) {
+              cudaGetLastError();  // clears the error so later calls do not report it
+              return nullptr;
+            }
+            DPT_CUDA(rc);
+            return p;
+          },
+          .free =
+              [](int device, void* p) {
+                if (cudaSetDevice(device) == cudaSuccess) cudaFree(p);
+              },
+          .sync_thread =
+              [](int device) {
+                DPT_CUDA(cudaSetDevice(device));
+                DPT_CUDA(cudaStreamSynchronize(cudaStreamPerThread));
+              },
+          .sync_device =
+              [](int device) {
+                DPT_CUDA(cudaSetDevice(device));
+                DPT_CUDA(cudaDeviceSynchronize());
+              },
+#ifdef DPTRAIN_CUDA_EMULATED
+          .fill =
+              [](int device, void* p, size_t bytes) {
+                DPT_CUDA(cudaSetDevice(device));
+                DPT_CUDA(cudaMemset(p, 0xff, bytes));
+              },
+#else
+          .fill = nullptr,
+#endif
+      },
       "cuda");
   return *a;
 #else

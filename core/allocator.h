@@ -36,6 +36,9 @@ struct AllocatorBackend {
   std::function<void(int device, void* p)> free;
   std::function<void(int device)> sync_thread;  // the calling thread's queued work is done
   std::function<void(int device)> sync_device;  // all queued work on the device is done
+  // Optional: fills every block as it is handed out, fresh or cached (the CUDA emulator's build
+  // fills with NaN bytes, so that an output a kernel fails to write shows).
+  std::function<void(int device, void* p, size_t bytes)> fill;
 };
 
 struct AllocatorStats {
@@ -75,6 +78,7 @@ class CachingAllocator {
   static uint64_t this_thread_token();
   void give_back(std::unique_lock<std::mutex>& lock, int device, void* p, size_t size);
   void* take_cached(int device, size_t size);
+  void* take_or_allocate(int device, size_t bytes);  // allocate, but for the fill
   void count_new(int device, void* p, size_t size);
 
   AllocatorBackend backend_;

@@ -167,7 +167,8 @@ struct FakeDevice {
                   ++frees;
                 },
             .sync_thread = [this](int) { ++thread_syncs; },
-            .sync_device = [this](int) { ++device_syncs; }};
+            .sync_device = [this](int) { ++device_syncs; },
+            .fill = nullptr};
   }
 };
 constexpr size_t MiB = size_t(1) << 20;

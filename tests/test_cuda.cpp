@@ -219,7 +219,7 @@ TEST(Cuda, PoolingElementwiseLinearLossAndSgd) {
   EXPECT_EQ(rel_error(gy, y), 0.0);
   maxpool2d_backward(dy, x, dx, {});
   maxpool2d_backward(gdy, gx, gdx, {});
-  EXPECT_LT(rel_error(gdx, dx), 1e-6);
+  EXPECT_EQ(rel_error(gdx, dx), 0.0);  // the CPU's sums in the CPU's order
   Tensor a({2, 4}), ga = out({2, 4}), da = random({2, 4}, 12), gda = da.to(kGpu);
   global_avgpool_forward(x, a);
   global_avgpool_forward(gx, ga);
@@ -441,10 +441,9 @@ TEST(Cuda, MixedPrecisionHelpersEqualTheCpu) {
 }
 
 // Every op on the 16-bit activations of fp16 and bf16 training, on the GPU and on the CPU from
-// the same 16-bit inputs: elementwise ops and max pooling's forward exactly equal (float32 math,
-// one rounding); max pooling's dx (float32 atomics), batch norm, average pooling and the
-// convolution within 4 units of the format's last place (summation order); each output in the
-// CPU's dtype.
+// the same 16-bit inputs: elementwise ops and max pooling exactly equal (float32 math in the
+// CPU's order, one rounding); batch norm, average pooling and the convolution within 4 units of
+// the format's last place (summation order); each output in the CPU's dtype.
 std::vector<std::pair<std::string, Tensor>> sixteen_bit_ops(DType t, const Device& dev, bool last) {
   auto in = [&](Shape s, uint64_t seed, float scale = 1.0f) {
     return cast_to(random(std::move(s), seed, scale).to(dev), t, last);
@@ -526,7 +525,8 @@ TEST(Cuda, SixteenBitActivationKernelsEqualTheCpu) {
         EXPECT_EQ(gpu[i].second.dtype(), cpu[i].second.dtype());
         EXPECT_EQ(gpu[i].second.channels_last(), cpu[i].second.channels_last());
         const double err = rel_error(gpu[i].second, cpu[i].second);
-        if (name.rfind("add", 0) == 0 || name.rfind("relu", 0) == 0 || name == "maxpool y")
+        if (name.rfind("add", 0) == 0 || name.rfind("relu", 0) == 0 ||
+            name.rfind("maxpool", 0) == 0)
           EXPECT_EQ(err, 0.0);
         else
           EXPECT_LT(err, 4 * ulp);
@@ -593,7 +593,9 @@ TEST(Cuda, TrainerOnOneGpuMatchesTheCpuAndItsCheckpointLoadsAnywhere) {
   const std::string data = " --data synthetic --synthetic-size 96 --image-size 32 --seed 3 --json";
   // A constant rate: a 3-step run then shares its schedule with the first half of a 6-step one.
   // A small one: at 0.05 these steps diverge (the loss reaches 8 by step 6) and the engines'
-  // rounding differences grow with the loss.
+  // rounding differences grow with the loss. The small stem: the ImageNet stem's max pool routes
+  // gradients by which of two close values is larger, where the engines' last bits differ (its
+  // backward is checked bit for bit against the CPU's on equal inputs, PoolingElementwise...).
   const std::string common =
       "train --model resnet18 --stem small --batch-size 16 --lr 0.002 --lr-schedule constant "
       "--warmup-steps 0" +
@@ -637,7 +639,7 @@ TEST(Cuda, TrainerOnOneGpuMatchesTheCpuAndItsCheckpointLoadsAnywhere) {
       run_dptrain("ckpt diff --json " + dir + "/gpu3.h5 " + dir + "/gpu6.h5", &code);
   ASSERT_EQ(code, 0) << diff;
   const double worst = last_json(diff)["max_abs_diff"];
-  // Deterministic cuDNN algorithms, our own ordered reductions and cuBLAS's fixed GEMMs: the
+  // Deterministic cuDNN algorithms, our own kernels without atomics and cuBLAS's fixed GEMMs: the
   // resumed run repeats the uninterrupted one bit for bit, as on the CPU.
   EXPECT_EQ(worst, 0.0) << "resumed 3+3 steps against 6 uninterrupted steps";
   std::printf(

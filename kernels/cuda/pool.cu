@@ -1,10 +1,10 @@
 // CUDA max pooling and global average pooling (math in kernels/pool.h). Max pooling picks the
 // first maximal element of each window (NaN wins), as the CPU engine and PyTorch do; its
-// backward zeroes dx and adds each dy to its window's argmax (atomically: windows overlap; in
-// float32, then rounded once for a 16-bit dx). The activations are float32 or 16-bit, NCHW or
-// channels-last (max pool: x, y, dy, dx of one dtype and layout; average pool: x and dx, its y
-// and dy float32 [N, C]).
-#include "kernels/amp.h"
+// backward overwrites dx, each element the sum of the dy of the windows whose argmax it is, taken
+// in the windows' order as the CPU engine adds them (a gather: no atomics, so the same bits on
+// every run, and the CPU's in float32; in float32, then rounded once for a 16-bit dx). The
+// activations are float32 or 16-bit, NCHW or channels-last (max pool: x, y, dy, dx of one dtype and
+// layout; average pool: x and dx, its y and dy float32 [N, C]).
 #include "kernels/cuda/common.h"
 #include "kernels/pool.h"
 
@@ -56,13 +56,26 @@ __global__ void maxpool_fwd(const T* x, T* y, int64_t total, int64_t C, int64_t 
   }
 }
 
+// A thread per input element e: the windows (i, j) that hold it, row by row.
 template <typename T>
-__global__ void maxpool_bwd(const T* dy, const T* x, float* dx, int64_t total, int64_t C, int64_t H,
+__global__ void maxpool_bwd(const T* dy, const T* x, T* dx, int64_t total, int64_t C, int64_t H,
                             int64_t W, int64_t Ho, int64_t Wo, bool last, PoolParams p) {
-  for (int64_t o = int64_t(blockIdx.x) * blockDim.x + threadIdx.x; o < total;
-       o += int64_t(gridDim.x) * blockDim.x) {
-    const Window win = window_of(o, C, H, W, Ho, Wo, last);
-    atomicAdd(dx + win.base + window_argmax(x, win, H, W, p), ld(dy[o]));
+  for (int64_t e = int64_t(blockIdx.x) * blockDim.x + threadIdx.x; e < total;
+       e += int64_t(gridDim.x) * blockDim.x) {
+    // e's plane (its input and output offsets and the step between columns) and position.
+    const int64_t hw = last ? e / C % (H * W) : e % (H * W), step = last ? C : 1;
+    const int64_t base = last ? e / C / (H * W) * H * W * C + e % C : e / (H * W) * H * W;
+    const int64_t out = last ? e / C / (H * W) * Ho * Wo * C + e % C : e / (H * W) * Ho * Wo;
+    const int64_t h = hw / W, w = hw % W;
+    const int64_t lo_i = h + p.pad - p.kernel + 1, lo_j = w + p.pad - p.kernel + 1;
+    const int64_t i1 = (h + p.pad) / p.stride < Ho ? (h + p.pad) / p.stride : Ho - 1;
+    const int64_t j1 = (w + p.pad) / p.stride < Wo ? (w + p.pad) / p.stride : Wo - 1;
+    float s = 0;
+    for (int64_t i = lo_i <= 0 ? 0 : (lo_i + p.stride - 1) / p.stride; i <= i1; ++i)
+      for (int64_t j = lo_j <= 0 ? 0 : (lo_j + p.stride - 1) / p.stride; j <= j1; ++j)
+        if (window_argmax(x, Window{base, step, i, j}, H, W, p) == hw * step)
+          s += ld(dy[out + (i * Wo + j) * step]);
+    dx[e] = st<T>(s);
   }
 }
 
@@ -116,20 +129,15 @@ void maxpool2d_forward(const Tensor& x, Tensor& y, const PoolParams& p) {
 
 void maxpool2d_backward(const Tensor& dy, const Tensor& x, Tensor& dx, const PoolParams& p) {
   check_activations("maxpool2d_backward", {&x, &dy, &dx});
-  const int64_t total = dy.numel();
+  const int64_t total = dx.numel();
   DPT_CUDA(cudaSetDevice(x.device().index));
-  // The sums run in float32: into dx itself, or into a float32 buffer (dx's layout) cast to dx.
-  Tensor sums = dx.dtype() == DType::F32 ? dx.share() : Tensor(dx.shape(), DType::F32, dx.device());
-  sums.set_channels_last(dx.channels_last());
-  DPT_CUDA(cudaMemsetAsync(sums.raw(), 0, sums.nbytes(), cudaStreamPerThread));
   with_type(x.dtype(), [&](auto type) {
     using T = typename decltype(type)::type;
     maxpool_bwd<<<blocks_for(total), kThreads, 0, cudaStreamPerThread>>>(
-        ptr<const T>(dy), ptr<const T>(x), sums.data<float>(), total, x.dim(1), x.dim(2), x.dim(3),
+        ptr<const T>(dy), ptr<const T>(x), ptr<T>(dx), total, x.dim(1), x.dim(2), x.dim(3),
         dy.dim(2), dy.dim(3), x.channels_last(), p);
   });
   check_launch("maxpool2d_backward");
-  if (!sums.same_storage(dx)) cuda::cast(sums, dx);
 }
 
 void global_avgpool_forward(const Tensor& x, Tensor& y) {

@@ -114,7 +114,7 @@ bool inside(const void* p, const View& v) {
   return p && dpt_emu::device_range(p, v.bytes());
 }
 bool workspace_ok(const void* ws, size_t bytes) {
-  return bytes >= kWorkspace && ws && dpt_emu::device_range(ws, kWorkspace);
+  return bytes >= kWorkspace && ws && dpt_emu::device_range(ws, bytes);
 }
 
 using Matrix = Eigen::Matrix<double, Eigen::Dynamic, Eigen::Dynamic, Eigen::RowMajor>;

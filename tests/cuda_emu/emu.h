@@ -5,7 +5,7 @@
 // blockIdx, blockDim and gridDim from the emulated thread that runs them, and supplies
 // __syncthreads, __shfl_down_sync and atomicAdd. tests/cuda_emu/rewrite.cmake has already turned
 // each launch `k<<<grid, block, smem, stream>>>(args)` into `dpt_emu::launch(grid, block, smem,
-// stream)(k, args)`.
+// stream)([](auto... a) { k(a...); }, args)`, which deduces k's template arguments as nvcc does.
 #pragma once
 
 #include <cuda_bf16.h>
@@ -45,9 +45,9 @@ const ThreadIds& ids();
 
 // Runs body (a launch of kernel) once per thread of a grid x block launch, every thread with its
 // own stack (a barrier suspends it until the others arrive). Errors of the launch (geometry or
-// arguments out of CUDA's limits, a barrier the block's threads disagree on) are returned by the
-// next cudaGetLastError().
-void run(dim3 grid, dim3 block, size_t arg_bytes, const void* kernel,
+// arguments out of CUDA's limits, a pointer argument outside the current device's memory, a
+// barrier the block's threads disagree on) are returned by the next cudaGetLastError().
+void run(dim3 grid, dim3 block, size_t arg_bytes, bool pointers_ok, const void* kernel,
          const std::function<void()>& body);
 
 // Waits for every live thread of the block (kind 0) or of the calling thread's warp (kind 1).
@@ -59,6 +59,18 @@ int lane();
 // For the emulated libraries: whether [p, p + bytes) lies inside one emulated device allocation;
 // and work that the next cudaStreamSynchronize of `stream` runs (a wait for a collective).
 bool device_range(const void* p, size_t bytes);
+// Whether p points into memory of the calling thread's current device.
+bool on_current_device(const void* p);
+
+// A launch's pointer arguments (null or into the current device's memory; a pointer passed
+// inside a struct goes unchecked).
+template <typename A>
+bool pointer_ok(const A& a) {
+  if constexpr (std::is_pointer_v<A>)
+    return a == nullptr || on_current_device(a);
+  else
+    return true;
+}
 void on_synchronize(cudaStream_t stream, std::function<void()> wait);
 
 template <typename... A>
@@ -71,7 +83,7 @@ struct Launch {
   template <typename K, typename... A>
   void operator()(K kernel, A... args) const {
     static const char key = 0;  // one per kernel and argument types
-    run(grid, block, bytes_of<A...>(), &key, [&] { kernel(args...); });
+    run(grid, block, bytes_of<A...>(), (pointer_ok(args) && ...), &key, [&] { kernel(args...); });
   }
 };
 inline Launch launch(dim3 grid, dim3 block, size_t = 0, cudaStream_t = nullptr) {

@@ -2,12 +2,15 @@
 // rank (as parallel/nccl.cpp drives them). A collective is posted by each rank; the last rank to
 // post it carries it out (sums in rank order, so every rank gets the same bits), and each rank's
 // cudaStreamSynchronize on the stream it named waits until it is done, as on a GPU, where the
-// call only enqueues. ncclCommAbort ends the waits. ncclCommInitRank joins the ranks of one id
+// call only enqueues. The ranks must agree on the collective, its count and root, and each
+// buffer must lie in emulated device memory, else the call fails (ncclInvalidUsage) and the
+// clique is aborted. ncclCommAbort ends the waits. ncclCommInitRank joins the ranks of one id
 // within this process (up to 60 s): the emulator does not span processes.
 #include <nccl.h>
 
 #include <chrono>
 #include <condition_variable>
+#include <cstdio>
 #include <cstring>
 #include <map>
 #include <memory>
@@ -23,7 +26,15 @@ struct Post {
   const void* send = nullptr;
   void* recv = nullptr;
 };
+// What every rank must agree on: the collective, its count and its root.
+struct Call {
+  int kind = 0;
+  size_t count = 0;
+  int root = 0;
+  bool operator==(const Call&) const = default;
+};
 struct Round {
+  Call call;
   std::vector<Post> posts;
   int posted = 0;
   bool done = false;
@@ -51,9 +62,11 @@ struct ncclComm {
 
 namespace {
 
-// Posts this rank's part of the next collective; `run(posts)` carries it out once all are in.
+// Posts this rank's part of the next collective (send_bytes and recv_bytes long); `run(posts)`
+// carries it out once all are in.
 template <typename Run>
-ncclResult_t post(ncclComm* c, const void* send, void* recv, cudaStream_t stream, Run run) {
+ncclResult_t post(ncclComm* c, Call call, const void* send, size_t send_bytes, void* recv,
+                  size_t recv_bytes, cudaStream_t stream, Run run) {
   if (!c) return ncclInvalidArgument;
   auto clique = c->clique;
   const uint64_t seq = ++c->seq;
@@ -61,7 +74,17 @@ ncclResult_t post(ncclComm* c, const void* send, void* recv, cudaStream_t stream
     std::lock_guard<std::mutex> lk(clique->m);
     if (clique->aborted) return ncclInvalidUsage;
     Round& r = clique->rounds[seq];
-    if (r.posts.empty()) r.posts.resize(size_t(clique->size));
+    if (r.posts.empty()) r.posts.resize(size_t(clique->size)), r.call = call;
+    if (!(r.call == call) || (send && !dpt_emu::device_range(send, send_bytes)) ||
+        (recv && !dpt_emu::device_range(recv, recv_bytes))) {
+      std::fprintf(stderr,
+                   "emulated NCCL: rank %d's collective disagrees with the others' or its "
+                   "buffers are not device memory\n",
+                   c->rank);
+      clique->aborted = true;
+      clique->cv.notify_all();
+      return ncclInvalidUsage;
+    }
     r.posts[size_t(c->rank)] = {send, recv};
     if (++r.posted == clique->size) {
       run(r.posts);
@@ -133,44 +156,49 @@ ncclResult_t ncclCommAbort(ncclComm_t comm) {
 ncclResult_t ncclAllReduce(const void* send, void* recv, size_t count, ncclDataType_t type,
                            ncclRedOp_t op, ncclComm_t comm, cudaStream_t stream) {
   if (type != ncclFloat32 || op != ncclSum) return ncclInvalidArgument;
-  return post(comm, send, recv, stream, [count](std::vector<Post>& p) {
-    std::vector<float> sum(count, 0.0f);
-    for (const Post& q : p)
-      for (size_t i = 0; i < count; ++i) sum[i] += static_cast<const float*>(q.send)[i];
-    for (const Post& q : p) std::memcpy(q.recv, sum.data(), count * sizeof(float));
-  });
+  return post(comm, {1, count, 0}, send, 4 * count, recv, 4 * count, stream,
+              [count](std::vector<Post>& p) {
+                std::vector<float> sum(count, 0.0f);
+                for (const Post& q : p)
+                  for (size_t i = 0; i < count; ++i) sum[i] += static_cast<const float*>(q.send)[i];
+                for (const Post& q : p) std::memcpy(q.recv, sum.data(), count * sizeof(float));
+              });
 }
 ncclResult_t ncclReduce(const void* send, void* recv, size_t count, ncclDataType_t type,
                         ncclRedOp_t op, int root, ncclComm_t comm, cudaStream_t stream) {
   if (type != ncclFloat32 || op != ncclSum || !comm || root < 0 || root >= comm->clique->size)
     return ncclInvalidArgument;
-  return post(comm, send, recv, stream, [count, root](std::vector<Post>& p) {
-    std::vector<float> sum(count, 0.0f);
-    for (const Post& q : p)
-      for (size_t i = 0; i < count; ++i) sum[i] += static_cast<const float*>(q.send)[i];
-    std::memcpy(p[size_t(root)].recv, sum.data(), count * sizeof(float));
-  });
+  const bool is_root = comm->rank == root;
+  return post(comm, {2, count, root}, send, 4 * count, is_root ? recv : nullptr,
+              is_root ? 4 * count : 0, stream, [count, root](std::vector<Post>& p) {
+                std::vector<float> sum(count, 0.0f);
+                for (const Post& q : p)
+                  for (size_t i = 0; i < count; ++i) sum[i] += static_cast<const float*>(q.send)[i];
+                std::memcpy(p[size_t(root)].recv, sum.data(), count * sizeof(float));
+              });
 }
 ncclResult_t ncclBroadcast(const void* send, void* recv, size_t count, ncclDataType_t type,
                            int root, ncclComm_t comm, cudaStream_t stream) {
   if (type != ncclUint8 || !comm || root < 0 || root >= comm->clique->size)
     return ncclInvalidArgument;
-  return post(comm, send, recv, stream, [count, root](std::vector<Post>& p) {
-    std::vector<char> data(static_cast<const char*>(p[size_t(root)].send),
-                           static_cast<const char*>(p[size_t(root)].send) + count);
-    for (const Post& q : p) std::memcpy(q.recv, data.data(), count);
-  });
+  return post(comm, {3, count, root}, comm->rank == root ? send : nullptr, count, recv, count,
+              stream, [count, root](std::vector<Post>& p) {
+                std::vector<char> data(static_cast<const char*>(p[size_t(root)].send),
+                                       static_cast<const char*>(p[size_t(root)].send) + count);
+                for (const Post& q : p) std::memcpy(q.recv, data.data(), count);
+              });
 }
 ncclResult_t ncclAllGather(const void* send, void* recv, size_t count, ncclDataType_t type,
                            ncclComm_t comm, cudaStream_t stream) {
-  if (type != ncclFloat32) return ncclInvalidArgument;
-  return post(comm, send, recv, stream, [count](std::vector<Post>& p) {
-    std::vector<float> all;
-    for (const Post& q : p)
-      all.insert(all.end(), static_cast<const float*>(q.send),
-                 static_cast<const float*>(q.send) + count);
-    for (const Post& q : p) std::memcpy(q.recv, all.data(), all.size() * sizeof(float));
-  });
+  if (type != ncclFloat32 || !comm) return ncclInvalidArgument;
+  return post(comm, {4, count, 0}, send, 4 * count, recv, 4 * count * size_t(comm->clique->size),
+              stream, [count](std::vector<Post>& p) {
+                std::vector<float> all;
+                for (const Post& q : p)
+                  all.insert(all.end(), static_cast<const float*>(q.send),
+                             static_cast<const float*>(q.send) + count);
+                for (const Post& q : p) std::memcpy(q.recv, all.data(), all.size() * sizeof(float));
+              });
 }
 
 }  // extern "C"

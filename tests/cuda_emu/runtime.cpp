@@ -1,16 +1,18 @@
 // The CUDA emulator: runs kernels/cuda's own kernels on the CPU, so that their index arithmetic,
 // barriers, warp shuffles and results are tested on every CI run, on a machine without a GPU.
 // A -DDPTRAIN_CUDA_EMULATE=ON build compiles kernels/cuda/*.cu as C++ (tests/cuda_emu/emu.h) and
-// links this file in place of the CUDA runtime (docs/cuda-emulator.md says what it does and does
-// not cover; cuDNN and cuBLAS are not emulated).
+// links this file in place of the CUDA runtime, with cudnn.cpp, cublas.cpp and nccl.cpp beside
+// it (docs/cuda-emulator.md says what it does and does not cover).
 //
-// Execution: a launch runs its blocks one after another; within a block every thread is a fiber
-// with its own stack, run until it finishes or reaches a barrier, in a shuffled order
-// each round, so that a read of another thread's shared-memory write without a barrier between
-// them shows as a wrong result. A kernel whose first launch reaches no barrier runs its threads
-// as plain calls afterwards (much faster). Memory: device allocations are host memory filled with
-// 0xff bytes (NaN as float, so unwritten outputs show), copies are memcpy, streams and events
-// are synchronous no-ops. Devices: 1, or DPT_CUDA_EMU_DEVICES.
+// Execution: a launch runs its blocks one after another, in a shuffled order; within a block
+// every thread is a fiber with its own stack, run until it finishes or reaches a barrier, in a
+// shuffled order each round, so that a read of another thread's shared-memory write without a
+// barrier between them shows as a wrong result. A kernel whose first launch reaches no barrier
+// runs its threads as plain calls afterwards (much faster). Every pointer argument of a launch
+// must point into memory of the launching thread's current device. Memory: device allocations are
+// host memory filled with 0xff bytes (NaN as float, so unwritten outputs show), copies are
+// memcpy, streams and events are synchronous (every race between streams resolves in program
+// order, so a missing synchronisation goes unseen). Devices: 1, or DPT_CUDA_EMU_DEVICES.
 #include <ucontext.h>
 
 #include <algorithm>
@@ -22,6 +24,7 @@
 #include <memory>
 #include <mutex>
 #include <new>
+#include <numeric>
 #include <string>
 #include <unordered_set>
 #include <vector>
@@ -213,7 +216,7 @@ void barrier(int kind) {
   jump(fibers[size_t(running)].ctx, scheduler);
 }
 
-void run(dim3 grid, dim3 block, size_t arg_bytes, const void* kernel,
+void run(dim3 grid, dim3 block, size_t arg_bytes, bool pointers_ok, const void* kernel,
          const std::function<void()>& fn) {
   std::lock_guard<std::mutex> lock(launch_mutex);
   const uint64_t threads = uint64_t(block.x) * block.y * block.z;
@@ -226,6 +229,13 @@ void run(dim3 grid, dim3 block, size_t arg_bytes, const void* kernel,
     last_error = cudaErrorInvalidValue;
     return;
   }
+  if (!pointers_ok) {
+    std::fprintf(stderr,
+                 "CUDA emulator: a kernel argument points outside the memory of device %d\n",
+                 current_device);
+    last_error = cudaErrorIllegalAddress;
+    return;
+  }
   body = &fn;
   saw_barrier = false;
   launch_error.clear();
@@ -233,19 +243,23 @@ void run(dim3 grid, dim3 block, size_t arg_bytes, const void* kernel,
   slots.assign(size_t((threads + 31) / 32 * 32), {});
   now.block_dim = block;
   now.grid_dim = grid;
-  for (unsigned z = 0; z < grid.z && launch_error.empty(); ++z)
-    for (unsigned y = 0; y < grid.y && launch_error.empty(); ++y)
-      for (unsigned x = 0; x < grid.x && launch_error.empty(); ++x) {
-        now.block = dim3(x, y, z);
-        if (!plain) {
-          run_fibers(int(threads));
-          continue;
-        }
-        for (unsigned i = 0; i < threads; ++i) {
-          now.thread = dim3(i % block.x, i / block.x % block.y, i / (block.x * block.y));
-          fn();
-        }
-      }
+  // Block k runs k-th in the order (k * stride + offset) mod blocks, stride coprime to blocks.
+  const uint64_t blocks = uint64_t(grid.x) * grid.y * grid.z, offset = next_random() % blocks;
+  uint64_t stride = next_random() % blocks | 1;
+  while (std::gcd(stride, blocks) != 1) stride += 2;
+  for (uint64_t k = 0; k < blocks && launch_error.empty(); ++k) {
+    const uint64_t b = (k * stride + offset) % blocks;
+    now.block = dim3(unsigned(b % grid.x), unsigned(b / grid.x % grid.y),
+                     unsigned(b / (uint64_t(grid.x) * grid.y)));
+    if (!plain) {
+      run_fibers(int(threads));
+      continue;
+    }
+    for (unsigned i = 0; i < threads; ++i) {
+      now.thread = dim3(i % block.x, i / block.x % block.y, i / (block.x * block.y));
+      fn();
+    }
+  }
   if (!launch_error.empty()) {
     std::fprintf(stderr, "CUDA emulator: %s\n", launch_error.c_str());
     last_error = cudaErrorLaunchFailure;
@@ -264,12 +278,18 @@ std::mutex memory_mutex, waits_mutex;
 size_t allocated = 0;                                              // all devices together
 std::map<cudaStream_t, std::vector<std::function<void()>>> waits;  // by stream, for NCCL
 std::map<const char*, size_t> device_blocks, pinned_blocks;        // start -> bytes
+std::map<const char*, int> owners;                                 // start -> device
 
-// Whether [p, p + bytes) lies inside one of the blocks.
-bool holds(const std::map<const char*, size_t>& blocks, const void* p, size_t bytes = 1) {
+// The start of the block that holds [p, p + bytes), or null.
+const char* block_of(const std::map<const char*, size_t>& blocks, const void* p, size_t bytes = 1) {
   const char* c = static_cast<const char*>(p);
   auto it = blocks.upper_bound(c);
-  return it != blocks.begin() && c + bytes <= std::prev(it)->first + std::prev(it)->second;
+  if (it == blocks.begin() || c + bytes > std::prev(it)->first + std::prev(it)->second)
+    return nullptr;
+  return std::prev(it)->first;
+}
+bool holds(const std::map<const char*, size_t>& blocks, const void* p, size_t bytes = 1) {
+  return block_of(blocks, p, bytes) != nullptr;
 }
 
 int device_count() {
@@ -287,6 +307,12 @@ cudaError_t fail(cudaError_t e) {
 bool dpt_emu::device_range(const void* p, size_t bytes) {
   std::lock_guard<std::mutex> lock(memory_mutex);
   return holds(device_blocks, p, bytes);
+}
+
+bool dpt_emu::on_current_device(const void* p) {
+  std::lock_guard<std::mutex> lock(memory_mutex);
+  const char* start = block_of(device_blocks, p);
+  return start && owners[start] == current_device;
 }
 
 void dpt_emu::on_synchronize(cudaStream_t stream, std::function<void()> wait) {
@@ -325,6 +351,8 @@ const char* cudaGetErrorString(cudaError_t e) {
       return "invalid device ordinal (emulated)";
     case cudaErrorNoDevice:
       return "no CUDA-capable device is detected (emulated)";
+    case cudaErrorIllegalAddress:
+      return "an illegal memory access was encountered (emulated)";
     default:
       return "an error of the CUDA emulator";
   }
@@ -344,6 +372,7 @@ cudaError_t cudaMalloc(void** p, size_t bytes) {
   std::memset(m, 0xff, rounded);
   std::lock_guard<std::mutex> lock(memory_mutex);
   device_blocks[m] = rounded;
+  owners[m] = dpt_emu::current_device;
   allocated += rounded;
   *p = m;
   return cudaSuccess;
@@ -355,6 +384,7 @@ cudaError_t cudaFree(void* p) {
   if (it == device_blocks.end()) return fail(cudaErrorInvalidValue);
   allocated -= it->second;
   device_blocks.erase(it);
+  owners.erase(static_cast<const char*>(p));
   std::free(p);
   return cudaSuccess;
 }
@@ -383,7 +413,7 @@ cudaError_t cudaPointerGetAttributes(cudaPointerAttributes* a, const void* p) {
   a->type = device                    ? cudaMemoryTypeDevice
             : holds(pinned_blocks, p) ? cudaMemoryTypeHost
                                       : cudaMemoryTypeUnregistered;
-  a->device = device ? dpt_emu::current_device : -1;
+  a->device = device ? owners[block_of(device_blocks, p)] : -1;
   a->devicePointer = device ? const_cast<void*>(p) : nullptr;
   a->hostPointer = device ? nullptr : const_cast<void*>(p);
   return cudaSuccess;
