@@ -373,7 +373,7 @@ TrainResult train(TrainConfig cfg) {
   lo.mean = mean;
   lo.std = stdev;
   lo.workers = cfg.data.workers;
-  lo.pinned = dev.is_cuda();
+  lo.pin_for = dev;
   if (cfg.augment) lo.augment = Augment{train_set->height() <= 28 ? 2 : 4, true};
 
   std::unique_ptr<Module> model = make_model(cfg.arch, cfg.seed);
@@ -728,7 +728,7 @@ EvalReport evaluate_checkpoint(const EvalConfig& cfg) {
   lo.std = data.std;
   lo.batch_size = cfg.batch_size;
   lo.workers = cfg.data.workers;
-  lo.pinned = cfg.devices[0].is_cuda();
+  lo.pin_for = cfg.devices[0];
   EvalResult ev = evaluate(*model, test, lo, cfg.devices[0], cfg.batch_size);
   rep.accuracy = ev.accuracy;
   rep.loss = ev.loss;

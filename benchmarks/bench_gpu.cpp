@@ -1,13 +1,14 @@
 // One-GPU training throughput of a ResNet at 224x224 in precision P (fp32 with TF32 off, tf32,
 // fp16 with loss scaling, bf16; as `dptrain train --precision`): forward, cross-entropy, backward
 // and SGD with momentum on cuda:0, batch B, S timed steps after 3 warm-up steps.
-// Prints {"images_per_second", "step_ms", "peak_bytes", "peak_reserved_bytes", "device_bytes"}:
+// Prints {"images_per_second", "step_ms", "peak_bytes", "peak_reserved_bytes", "device_bytes",
+// "conv_algorithms"}:
 // peak_bytes and peak_reserved_bytes are the caching allocator's peaks over the timed steps
 // (blocks handed out to tensors, and held from the driver), the figures PyTorch reports as
 // max_memory_allocated and max_memory_reserved; device_bytes is the most device memory in use
 // (cudaMemGetInfo less the CUDA context: cuDNN workspaces and library handles included) seen in
-// the warm-up. Driven by gpu_step.py, which times torchvision's model the same way beside it
-// (scripts/gpu-check.sh).
+// the warm-up; conv_algorithms the cuDNN algorithms chosen (kernels/conv.h). Driven by
+// gpu_step.py, which times torchvision's model the same way beside it (scripts/gpu-check.sh).
 //
 // With "dp", the model is wrapped in DataParallel over every visible GPU (NCCL, local BatchNorm,
 // 25 MiB gradient buckets reduced while backward runs), fed the same batch on cuda:0; the JSON
@@ -28,6 +29,7 @@
 #include "core/allocator.h"
 #include "core/cuda_check.h"
 #include "core/rng.h"
+#include "kernels/conv.h"
 #include "kernels/loss.h"
 #include "models/arch.h"
 #include "models/optimizer.h"
@@ -78,8 +80,16 @@ int main(int argc, char** argv) {
     std::vector<dpt::Sgd> opts;
     for (int r = 0; r < replicas; ++r)
       opts.emplace_back(dpt::SgdParams{0.1f, 0.9f, 0.0f, 1e-4f, false});
-    auto sample = [&] {
-      DPT_CUDA(cudaDeviceSynchronize());
+    // Every GPU's work done; the current device, which the replicas' copies and frees move, back
+    // to cuda:0.
+    auto sync_all = [&] {
+      for (int r = replicas - 1; r >= 0; --r) {
+        DPT_CUDA(cudaSetDevice(r));
+        DPT_CUDA(cudaDeviceSynchronize());
+      }
+    };
+    auto sample = [&] {  // cuda:0's memory, where the batch, the outputs and dlogits live too
+      sync_all();
       DPT_CUDA(cudaMemGetInfo(&free_bytes, &total));
       peak = std::max(peak, total - free_bytes);
     };
@@ -111,7 +121,7 @@ int main(int argc, char** argv) {
                  exposed0 = dp ? dp->exposed_communication_seconds() : 0;
     const auto t0 = std::chrono::steady_clock::now();
     for (int64_t k = 0; k < steps; ++k) step(false);
-    DPT_CUDA(cudaDeviceSynchronize());
+    sync_all();
     const double s = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
     const dpt::AllocatorStats mem = dpt::cuda_allocator().stats(0);
     nlohmann::json out{{"images_per_second", double(batch * steps) / s},
@@ -119,7 +129,8 @@ int main(int argc, char** argv) {
                        {"peak_bytes", mem.peak_in_use},
                        {"peak_reserved_bytes", mem.peak_reserved},
                        {"device_bytes", peak - baseline},
-                       {"replicas", replicas}};
+                       {"replicas", replicas},
+                       {"conv_algorithms", dpt::cuda::conv_algorithms_chosen()}};
     if (dp) {
       out["communication_ms"] = 1000 * (dp->communication_seconds() - comm0) / double(steps);
       out["exposed_communication_ms"] =

@@ -109,6 +109,10 @@ def main():
          f"and handles (cudaMemGetInfo less the CUDA context, warm-up): " +
          ", ".join(f"{p} {b / 2**30:.2f} GiB" for p, b in device_bytes.items()) + ".")
     emit("")
+    for precision, r in bare.items():  # what cuDNN ran: algorithm, math type -> convolution shapes
+        emit(f"cuDNN algorithms, {precision}: " + ", ".join(
+            f"{k} x{n}" for k, n in r.get("conv_algorithms", {}).items()) + ".")
+    emit("")
     dp = ours_step("fp32", "dp")
     if dp is not None and "fp32" in bare:
         comm, exposed = dp["communication_ms"], dp["exposed_communication_ms"]

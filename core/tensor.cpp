@@ -82,15 +82,17 @@ void device_copy(const Device& dst_dev, void* dst, const Device& src_dev, const 
                  size_t bytes) {
   if (!bytes) return;
 #ifdef DPTRAIN_HAVE_CUDA
+  if (dst_dev.is_cuda() && src_dev.is_cuda() && dst_dev.index != src_dev.index) {
+    // Between two GPUs: ordered after the work queued on both devices before it and before the
+    // work queued on either after it (the host does not wait).
+    DPT_CUDA(cudaMemcpyPeer(dst, dst_dev.index, src, src_dev.index, bytes));
+    return;
+  }
   if (dst_dev.is_cuda() || src_dev.is_cuda()) {  // unified addressing: the runtime knows where
     // On the device whose kernels produced the source (else the destination's): cudaMemcpy runs
     // on that device's legacy stream, which waits for its per-thread streams' work.
     DPT_CUDA(cudaSetDevice(src_dev.is_cuda() ? src_dev.index : dst_dev.index));
     DPT_CUDA(cudaMemcpy(dst, src, bytes, cudaMemcpyDefault));
-    // A copy between two GPUs does not wait for the host, and the destination GPU's streams do
-    // not wait for the source GPU's legacy stream: finish it here.
-    if (dst_dev.is_cuda() && src_dev.is_cuda() && dst_dev.index != src_dev.index)
-      DPT_CUDA(cudaStreamSynchronize(cudaStreamLegacy));
     return;
   }
 #endif
@@ -113,24 +115,26 @@ void device_zero(const Device& d, void* p, size_t bytes) {
 }
 
 namespace {
-// Page-locked host memory, or nullptr when no GPU is usable (or it cannot be had).
-void* pinned_alloc(size_t bytes) {
+// Page-locked host memory in gpu's context, or nullptr when no GPU is usable (or it cannot be
+// had).
+void* pinned_alloc(size_t bytes, int gpu) {
 #ifdef DPTRAIN_HAVE_CUDA
-  static const bool usable = cuda_device_count() > 0;
+  static const int count = cuda_device_count();
   void* p = nullptr;
-  if (usable && bytes > 0 && cudaHostAlloc(&p, bytes, cudaHostAllocPortable) == cudaSuccess)
+  if (bytes > 0 && gpu < count && cudaSetDevice(gpu) == cudaSuccess &&
+      cudaHostAlloc(&p, bytes, cudaHostAllocPortable) == cudaSuccess)
     return p;
-  if (usable) cudaGetLastError();  // not sticky; cleared so that later calls do not see it
+  if (count > 0) cudaGetLastError();  // not sticky; cleared so that later calls do not see it
 #endif
-  (void)bytes;
+  (void)bytes, (void)gpu;
   return nullptr;
 }
 }  // namespace
 
-Storage::Storage(const Device& d, size_t bytes, bool pinned)
+Storage::Storage(const Device& d, size_t bytes, const Device& pin_for)
     : device_(d), bytes_(bytes), data_(nullptr) {
-  DPT_ASSERT(!pinned || d.is_cpu(), "pinned memory is host memory, not ", d.str());
-  if (pinned) data_ = pinned_alloc(bytes);
+  DPT_ASSERT(pin_for.is_cpu() || d.is_cpu(), "pinned memory is host memory, not ", d.str());
+  if (pin_for.is_cuda()) data_ = pinned_alloc(bytes, pin_for.index);
   pinned_ = data_ != nullptr;
   if (!pinned_) data_ = device_alloc(d, bytes);
 }
@@ -145,15 +149,16 @@ Storage::~Storage() {
 }
 
 Tensor::Tensor(Shape shape, DType dtype, Device device)
-    : Tensor(std::move(shape), dtype, device, false) {}
+    : Tensor(std::move(shape), dtype, device, Device::cpu()) {}
 
-Tensor::Tensor(Shape shape, DType dtype, Device device, bool pinned)
+Tensor::Tensor(Shape shape, DType dtype, Device device, const Device& pin_for)
     : shape_(std::move(shape)), numel_(shape_numel(shape_)), dtype_(dtype) {
-  storage_ = std::make_shared<Storage>(device, size_t(numel_) * dtype_size(dtype), pinned);
+  storage_ = std::make_shared<Storage>(device, size_t(numel_) * dtype_size(dtype), pin_for);
 }
 
-Tensor Tensor::pinned(Shape shape, DType dtype) {
-  return Tensor(std::move(shape), dtype, Device::cpu(), true);
+Tensor Tensor::pinned(Shape shape, const Device& gpu, DType dtype) {
+  DPT_ASSERT(gpu.is_cuda(), "pinned memory is for a CUDA device, not ", gpu.str());
+  return Tensor(std::move(shape), dtype, Device::cpu(), gpu);
 }
 
 Tensor Tensor::zeros(Shape shape, DType dtype, Device device) {

@@ -40,8 +40,9 @@ void reset_host_peak();
 
 class Storage {
  public:
-  // pinned (host memory only): page-locked (cudaHostAlloc) when a GPU is usable, else ordinary.
-  Storage(const Device& d, size_t bytes, bool pinned = false);
+  // pin_for (host memory only): a CUDA device, for page-locked memory in its context
+  // (cudaHostAlloc) when a GPU is usable, else ordinary memory.
+  Storage(const Device& d, size_t bytes, const Device& pin_for = Device::cpu());
   ~Storage();
   Storage(const Storage&) = delete;
   Storage& operator=(const Storage&) = delete;
@@ -64,9 +65,11 @@ class Tensor {
   static Tensor zeros(Shape shape, DType dtype = DType::F32, Device device = Device::cpu());
   static Tensor full(Shape shape, float value, Device device = Device::cpu());
   static Tensor from_vector(Shape shape, const std::vector<float>& values);
-  // A host tensor in page-locked memory, for batches bound for a GPU: copies from it run at full
-  // bus speed without a staging copy. Without a usable GPU it is ordinary host memory.
-  static Tensor pinned(Shape shape, DType dtype = DType::F32);
+  // A host tensor in page-locked memory, for batches bound for GPU `gpu`: copies from it run at
+  // full bus speed without a staging copy. The memory belongs to gpu's CUDA context, which becomes
+  // the calling thread's current device (so that no context is made on another GPU). Without a
+  // usable GPU it is ordinary host memory.
+  static Tensor pinned(Shape shape, const Device& gpu, DType dtype = DType::F32);
   bool is_pinned() const { return storage_ && storage_->pinned(); }
 
   Tensor(Tensor&&) noexcept = default;
@@ -121,7 +124,7 @@ class Tensor {
   std::vector<float> to_vector() const;  // float32 view of the values, from any device/dtype
 
  private:
-  Tensor(Shape shape, DType dtype, Device device, bool pinned);
+  Tensor(Shape shape, DType dtype, Device device, const Device& pin_for);
   void check_type(DType t) const;
   Shape shape_;
   int64_t numel_ = 0;

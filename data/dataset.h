@@ -111,9 +111,9 @@ struct LoaderOptions {
   Augment augment;
   std::vector<float> mean;  // per channel; empty = no normalisation
   std::vector<float> std;
-  int prefetch = 2;     // batches prepared ahead
-  int workers = 1;      // threads decoding and augmenting samples
-  bool pinned = false;  // batches in page-locked memory (Tensor::pinned), for a GPU to copy
+  int prefetch = 2;                // batches prepared ahead
+  int workers = 1;                 // threads decoding and augmenting samples
+  Device pin_for = Device::cpu();  // a GPU: batches in page-locked memory for it (Tensor::pinned)
   // When set: the rows [first, second) of a batch of n rows that this process uses (its share
   // under MPI); the other rows' images are left zero, undecoded. Labels are always complete.
   std::function<std::pair<int64_t, int64_t>(int64_t n)> rows;

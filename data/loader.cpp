@@ -151,8 +151,8 @@ struct Loader::Impl {
         break;
       }
     if (!s.batch.images.defined())  // reused above when possible (page-locking is slow)
-      s.batch.images =
-          opt.pinned ? Tensor::pinned({s.rows, c, h, w}) : Tensor({s.rows, c, h, w}, DType::F32);
+      s.batch.images = opt.pin_for.is_cuda() ? Tensor::pinned({s.rows, c, h, w}, opt.pin_for)
+                                             : Tensor({s.rows, c, h, w}, DType::F32);
     s.batch.labels = Tensor({s.rows}, DType::I64);  // small: not worth page-locking anew
     s.batch.index = b;
     s.first = 0;

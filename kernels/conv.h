@@ -19,6 +19,9 @@
 // storage. w and dw are float32 (master weights).
 #pragma once
 
+#include <map>
+#include <string>
+
 #include "core/tensor.h"
 #include "kernels/amp.h"
 #include "kernels/dispatch.h"
@@ -45,6 +48,9 @@ DPT_CONV_KERNELS
 }  // namespace cpu
 namespace cuda {
 DPT_CONV_KERNELS
+// The cuDNN algorithms chosen so far in this process, for reports: "forward 1 tensor-op" (with
+// " non-deterministic" where so) -> how many convolution plans (shape, precision, thread) use it.
+std::map<std::string, int64_t> conv_algorithms_chosen();
 }  // namespace cuda
 
 inline void conv2d_forward(const Tensor& x, const Tensor& w, Tensor& y, const Conv2dParams& p) {

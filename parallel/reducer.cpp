@@ -21,10 +21,13 @@ GradReducer::GradReducer(Module& replica, int rank, Communicator& comm, size_t b
     buckets_.back().params.push_back(p);
     bytes += b;
   }
+  // Each gradient starts 256 bytes into its bucket's multiple (cuDNN's and the vector kernels'
+  // fast paths want aligned operands); the padding between them stays 0.
+  auto aligned = [](int64_t n) { return (n + 63) / 64 * 64; };
   for (size_t i = 0; i < buckets_.size(); ++i) {
     Bucket& bk = buckets_[i];
     int64_t n = 0;
-    for (Parameter* p : bk.params) n += p->grad.numel();
+    for (Parameter* p : bk.params) n += aligned(p->grad.numel());
     bk.flat = Tensor::zeros({n}, DType::F32, replica.device());
     n = 0;
     for (Parameter* p : bk.params) {
@@ -33,7 +36,7 @@ GradReducer::GradReducer(Module& replica, int rank, Communicator& comm, size_t b
       Tensor view = bk.flat.view(n, p->grad.shape());
       view.copy_from(p->grad);
       p->grad = std::move(view);
-      n += p->grad.numel();
+      n += aligned(p->grad.numel());
       bucket_of_.emplace_back(p, int(i));
     }
   }
@@ -124,6 +127,12 @@ void GradReducer::wait_idle() {
 }
 
 void GradReducer::loop() {
+  // A GPU replica's thread works on its device from the start, so that its first CUDA call (an
+  // event wait) makes no context on cuda:0. A device that fails here fails the first collective.
+  try {
+    if (device_.is_cuda()) device_sync(device_);
+  } catch (const Error&) {
+  }
   uint64_t seen = 0;
   std::unique_lock<std::mutex> lk(mu_);
   for (;;) {

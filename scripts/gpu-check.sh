@@ -13,15 +13,32 @@ cd "$(dirname "$0")/.."
 [ -x gpu-bundle/bin/test_cuda ] || { echo "gpu-check: gpu-bundle/ is missing: run scripts/gpu-bundle.sh first"; exit 1; }
 report=${OUT:-.}/gpu-report.md
 py=$(command -v python3)
-nv=$("$py" -c 'import nvidia, os; print(list(nvidia.__path__)[0])' 2>/dev/null || true)
-libs=""
-[ -n "$nv" ] && libs=$(ls -d "$nv"/*/lib 2>/dev/null | tr '\n' ':')
+# cuDNN 9, cuBLAS 13 and NCCL 2: wherever PyTorch's wheels put them (nvidia/<lib>/lib,
+# nvidia/cu13/lib, torch/lib), else the toolkit's. cuDNN loads its engine libraries from its own
+# directory.
+site=$("$py" -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])' 2>/dev/null || true)
+libs=$(find "$site/nvidia" "$site/torch/lib" /usr/local/cuda/lib64 /usr/local/cuda/lib \
+  -maxdepth 3 \( -name libcudnn.so.9 -o -name libcublas.so.13 -o -name libcublasLt.so.13 \
+  -o -name libnccl.so.2 \) -printf '%h\n' 2>/dev/null | awk '!seen[$0]++' | tr '\n' ':')
 export LD_LIBRARY_PATH="$PWD/gpu-bundle/lib:${libs}${LD_LIBRARY_PATH:-}"
+missing=$(ldd gpu-bundle/bin/* 2>&1 | grep "not found" | sort -u)
+IFS=: read -ra dirs <<<"$libs"
+for l in libcudnn.so.9 libcublas.so.13 libnccl.so.2; do
+  found=0
+  for d in "${dirs[@]}"; do [ -e "$d/$l" ] && found=1; done
+  ((found)) || missing+=$'\n'"$l not found under $site/nvidia, $site/torch/lib or /usr/local/cuda"
+done
 export DPTRAIN_BIN="$PWD/gpu-bundle/bin/dptrain"  # for test_cuda's trainer test
 {
   echo "# dptrain GPU check, $(date -u '+%Y-%m-%d %H:%M UTC')"
   echo
   nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv 2>&1
+  echo
+  echo "libraries from: ${libs:-nowhere}"
+  if [ -n "$(echo "$missing" | tr -d '[:space:]')" ]; then
+    echo "error: the bundle cannot start here:$missing"
+    exit 1
+  fi
   echo
   echo "## test_cuda"
   echo '```'

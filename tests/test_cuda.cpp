@@ -13,6 +13,7 @@
 #include <cstdlib>
 #include <nlohmann/json.hpp>
 #include <string>
+#include <thread>
 
 #include "core/device.h"
 #include "core/rng.h"
@@ -28,6 +29,11 @@
 #include "models/optimizer.h"
 #ifdef DPTRAIN_WITH_CUDA
 #include "kernels/cuda/common.h"
+#endif
+#ifdef DPTRAIN_CUDA_EMULATED
+namespace dpt_emu {
+int cudnn_unwanted_runs();  // tests/cuda_emu/cudnn.cpp
+}
 #endif
 
 using namespace dpt;
@@ -133,6 +139,15 @@ TEST(Cuda, ConvolutionForwardAndBackward) {
           std::printf("[ measured ] precision %d conv %d->%d k%d: forward %.2g, dx %.2g, dw %.2g\n",
                       int(pr), c, k, r, rel_error(gy, y), rel_error(gdx, dx), rel_error(gdw, dw));
       }
+  // Deterministic algorithms only (bit-identical reruns and resumes on the same GPU).
+  for (const auto& [algo, plans] : cuda::conv_algorithms_chosen()) {
+    std::printf("[ measured ] cuDNN algorithm %s: %lld plans\n", algo.c_str(), (long long)plans);
+    EXPECT_EQ(algo.find("non-deterministic"), std::string::npos) << algo;
+  }
+#ifdef DPTRAIN_CUDA_EMULATED  // its cuDNN offers candidates to pass over (docs/cuda-emulator.md)
+  EXPECT_EQ(dpt_emu::cudnn_unwanted_runs(), 0)
+      << "a non-deterministic, over-limit or unsupported algorithm ran";
+#endif
 }
 
 // The third shape spreads each channel over 13 blocks, its values 30 standard deviations from 0;
@@ -548,10 +563,19 @@ TEST(Cuda, ChannelsLastCastsEqualTheCpu) {
   }
 }
 
-// Tensor::pinned is page-locked host memory on a GPU machine, and copies through it round trip.
+// Tensor::pinned is page-locked host memory on a GPU machine, in the context of the GPU it is for
+// (a loader thread makes no context on cuda:0 for a run on another GPU), and copies through it
+// round trip.
 TEST(Cuda, PinnedHostTensors) {
   NEED_GPU();
-  Tensor p = Tensor::pinned({1000});
+  const int last = cuda_device_count() - 1;
+  std::thread([&] {
+    Tensor q = Tensor::pinned({10}, Device::cuda(last));
+    cudaPointerAttributes attr{};
+    ASSERT_EQ(cudaPointerGetAttributes(&attr, q.raw()), cudaSuccess);
+    EXPECT_EQ(attr.device, last);
+  }).join();
+  Tensor p = Tensor::pinned({1000}, kGpu);
   ASSERT_TRUE(p.is_pinned());
   cudaPointerAttributes attr{};
   ASSERT_EQ(cudaPointerGetAttributes(&attr, p.raw()), cudaSuccess);
@@ -560,7 +584,7 @@ TEST(Cuda, PinnedHostTensors) {
   p.copy_from(x);
   const Tensor g = p.to(kGpu);
   EXPECT_EQ(g.to_vector(), x.to_vector());
-  Tensor back = Tensor::pinned({1000});
+  Tensor back = Tensor::pinned({1000}, kGpu);
   back.copy_from(g);
   EXPECT_EQ(back.to_vector(), x.to_vector());
 }

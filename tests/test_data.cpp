@@ -1003,20 +1003,20 @@ TEST(Loader, WorkersDoNotChangeTheBatches) {
   }
 }
 
-// Batches bound for a GPU come in page-locked memory (LoaderOptions::pinned) when a GPU is
+// Batches bound for a GPU come in page-locked memory (LoaderOptions::pin_for) when a GPU is
 // usable; either way they hold the same values. Without a GPU, Tensor::pinned is ordinary memory.
 TEST(Loader, PinnedBatchesAreTheSameBatches) {
   KnownDataset ds(77, 2, 6, 6);
   Loader plain(ds, augmented(6));
   const Epoch ref = run_epoch(plain, 1);
   LoaderOptions o = augmented(6);
-  o.pinned = true;
+  o.pin_for = Device::cuda(0);
   o.workers = 2;
   Loader pinned(ds, o);
   const Epoch e = run_epoch(pinned, 1);
   EXPECT_EQ(e.labels, ref.labels);
   EXPECT_EQ(e.images, ref.images);
-  Tensor t = Tensor::pinned({3, 4});
+  Tensor t = Tensor::pinned({3, 4}, Device::cuda(0));
   EXPECT_TRUE(t.device().is_cpu());
   EXPECT_EQ(t.is_pinned(), cuda_device_count() > 0);
   t.zero_();

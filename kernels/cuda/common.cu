@@ -58,8 +58,9 @@ Handles& handles_for(const Tensor& t) {
     DPT_CUDNN(cudnnSetStream(fresh->h.cudnn, cudaStreamPerThread));
     DPT_CUBLAS(cublas().create(&fresh->h.cublas));
     DPT_CUBLAS(cublas().set_stream(fresh->h.cublas, cudaStreamPerThread));
-    // fp32 stays fp32 (no TF32) unless a precision mode asks for it.
-    DPT_CUBLAS(cublas().set_math_mode(fresh->h.cublas, CUBLAS_PEDANTIC_MATH));
+    // fp32 stays fp32: the default math runs cublasSgemm without TF32 (that takes
+    // CUBLAS_TF32_TENSOR_OP_MATH), and without the pedantic mode's slower debugging kernels.
+    DPT_CUBLAS(cublas().set_math_mode(fresh->h.cublas, CUBLAS_DEFAULT_MATH));
     s = std::move(fresh);
   }
   return s->h;

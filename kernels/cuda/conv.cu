@@ -5,12 +5,15 @@
 // (cuDNN's pseudo-half configurations) on 16-bit operands: the activations themselves when they
 // are stored in 16 bits (x, y, dy, dx), else 16-bit copies cast back afterwards; the weights
 // through a 16-bit copy, dw's 16-bit part added to it. The descriptors and the algorithm of each
-// shape and math are made once (the algorithm by cuDNN's heuristics: the fastest deterministic one
-// that fits the workspace limit) and cached per thread; the workspace is a per-thread, per-device
-// buffer that grows as needed.
+// shape and math are made once (the algorithm: the first of cuDNN's heuristic candidates that
+// runs, deterministic ones first, within the workspace limit; see run_chosen) and cached per
+// thread; the workspace is a per-thread, per-device buffer that grows as needed.
+#include <algorithm>
 #include <array>
 #include <map>
 #include <memory>
+#include <mutex>
+#include <string>
 #include <vector>
 
 #include "kernels/conv.h"
@@ -26,6 +29,7 @@ struct Descriptors {
   cudnnTensorDescriptor_t x = nullptr, y = nullptr;
   cudnnFilterDescriptor_t w = nullptr;
   cudnnConvolutionDescriptor_t conv = nullptr;
+  cudnnMathType_t math;  // the precision's, for cuDNN's heuristics
   Descriptors(const Tensor& xt, const Tensor& wt, const Tensor& yt, const Conv2dParams& p,
               bool nhwc) {
     DPT_CUDNN(cudnnCreateTensorDescriptor(&x));
@@ -44,10 +48,9 @@ struct Descriptors {
                                          int(wt.dim(3))));
     DPT_CUDNN(cudnnSetConvolution2dDescriptor(conv, p.pad, p.pad, p.stride, p.stride, 1, 1,
                                               CUDNN_CROSS_CORRELATION, CUDNN_DATA_FLOAT));
-    const cudnnMathType_t math = p.precision == Precision::FP32   ? CUDNN_FMA_MATH
-                                 : p.precision == Precision::TF32 ? CUDNN_DEFAULT_MATH
-                                                                  : CUDNN_TENSOR_OP_MATH;
-    DPT_CUDNN(cudnnSetConvolutionMathType(conv, math));
+    math = p.precision == Precision::FP32   ? CUDNN_FMA_MATH
+           : p.precision == Precision::TF32 ? CUDNN_DEFAULT_MATH
+                                            : CUDNN_TENSOR_OP_MATH;
   }
   ~Descriptors() {
     cudnnDestroyTensorDescriptor(x);
@@ -95,32 +98,16 @@ void check(const char* op, std::initializer_list<const Tensor*> acts, const Tens
   }
 }
 
-// The algorithm of each direction, chosen when first needed (the stem never needs
-// backward-data), with its workspace size.
-struct Algos {
-  bool have_fwd = false, have_data = false, have_filter = false;
-  cudnnConvolutionFwdAlgo_t fwd{};
-  cudnnConvolutionBwdDataAlgo_t bwd_data{};
-  cudnnConvolutionBwdFilterAlgo_t bwd_filter{};
-  size_t fwd_ws = 0, data_ws = 0, filter_ws = 0;
+// The algorithm of one direction and the math type to run it with, chosen when first needed (the
+// stem never needs backward-data), with its workspace size.
+struct Choice {
+  int algo = -1;  // not chosen yet
+  cudnnMathType_t math = CUDNN_DEFAULT_MATH;
+  size_t ws = 0;
 };
-
-// The first (fastest by cuDNN's heuristics) deterministic algorithm that succeeds within the
-// workspace limit, so that a rerun or a resume on the same GPU repeats every bit (the backward
-// algorithms that sum with atomics do not); a non-deterministic one only if no other works.
-template <typename Perf>
-const Perf& pick(const std::vector<Perf>& perf, int n, const char* what) {
-  for (const bool deterministic_only : {true, false})
-    for (int i = 0; i < n; ++i) {
-      const Perf& p = perf[size_t(i)];
-      if (p.status == CUDNN_STATUS_SUCCESS && p.memory <= kWorkspaceLimit &&
-          (!deterministic_only || p.determinism == CUDNN_DETERMINISTIC))
-        return p;
-    }
-  DPT_THROW(
-      DeviceError, "cuDNN offers no ", what,
-      " algorithm for this convolution in this precision (bf16 needs an Ampere or later GPU)");
-}
+struct Algos {
+  Choice fwd, data, filter;
+};
 
 // This thread's descriptors and algorithms for the convolution of x by w into y.
 struct Plan {
@@ -135,41 +122,6 @@ Plan& plan_for(const Tensor& x, const Tensor& w, const Tensor& y, const Conv2dPa
   return plan;
 }
 
-void choose_fwd(cudnnHandle_t h, const Descriptors& d, Algos& a) {
-  if (a.have_fwd) return;
-  int n = 0;
-  std::vector<cudnnConvolutionFwdAlgoPerf_t> f(CUDNN_CONVOLUTION_FWD_ALGO_COUNT);
-  DPT_CUDNN(cudnnGetConvolutionForwardAlgorithm_v7(h, d.x, d.w, d.conv, d.y, int(f.size()), &n,
-                                                   f.data()));
-  a.fwd = pick(f, n, "forward").algo;
-  DPT_CUDNN(cudnnGetConvolutionForwardWorkspaceSize(h, d.x, d.w, d.conv, d.y, a.fwd, &a.fwd_ws));
-  a.have_fwd = true;
-}
-
-void choose_data(cudnnHandle_t h, const Descriptors& d, Algos& a) {
-  if (a.have_data) return;
-  int n = 0;
-  std::vector<cudnnConvolutionBwdDataAlgoPerf_t> f(CUDNN_CONVOLUTION_BWD_DATA_ALGO_COUNT);
-  DPT_CUDNN(cudnnGetConvolutionBackwardDataAlgorithm_v7(h, d.w, d.y, d.conv, d.x, int(f.size()), &n,
-                                                        f.data()));
-  a.bwd_data = pick(f, n, "backward-data").algo;
-  DPT_CUDNN(cudnnGetConvolutionBackwardDataWorkspaceSize(h, d.w, d.y, d.conv, d.x, a.bwd_data,
-                                                         &a.data_ws));
-  a.have_data = true;
-}
-
-void choose_filter(cudnnHandle_t h, const Descriptors& d, Algos& a) {
-  if (a.have_filter) return;
-  int n = 0;
-  std::vector<cudnnConvolutionBwdFilterAlgoPerf_t> f(CUDNN_CONVOLUTION_BWD_FILTER_ALGO_COUNT);
-  DPT_CUDNN(cudnnGetConvolutionBackwardFilterAlgorithm_v7(h, d.x, d.y, d.conv, d.w, int(f.size()),
-                                                          &n, f.data()));
-  a.bwd_filter = pick(f, n, "backward-filter").algo;
-  DPT_CUDNN(cudnnGetConvolutionBackwardFilterWorkspaceSize(h, d.x, d.y, d.conv, d.w, a.bwd_filter,
-                                                           &a.filter_ws));
-  a.have_filter = true;
-}
-
 // This thread's workspace on device dev, at least `bytes` long.
 void* workspace(int dev, size_t bytes) {
   thread_local std::map<int, Tensor> buffers;
@@ -180,25 +132,101 @@ void* workspace(int dev, size_t bytes) {
   return t.raw();
 }
 
+std::mutex chosen_mutex;
+std::map<std::string, int64_t> chosen;  // conv_algorithms_chosen()
+
+void note_choice(const char* what, int algo, cudnnMathType_t math, bool deterministic) {
+  const char* m = math == CUDNN_FMA_MATH         ? "fma"
+                  : math == CUDNN_DEFAULT_MATH   ? "default"
+                  : math == CUDNN_TENSOR_OP_MATH ? "tensor-op"
+                                                 : "tensor-op-conversion";
+  std::lock_guard<std::mutex> lock(chosen_mutex);
+  ++chosen[std::string(what) + " " + std::to_string(algo) + " " + m +
+           (deterministic ? "" : " non-deterministic")];
+}
+
+// One direction's convolution, c = alpha * conv(a, b) + beta * c in cuDNN's terms (forward: x, w
+// -> y; backward-data: w, dy -> dx; backward-filter: x, dy -> dw, the three calls alike), with
+// its chosen algorithm, chosen on the first call: cuDNN's heuristic candidates, best first, the
+// deterministic ones before the others (a rerun or a resume on the same GPU then repeats every
+// bit; backward algorithms that sum with atomics do not), each with the math type cuDNN pairs it
+// with (float32 keeps FMA math: no TF32) and a workspace within the limit. Heuristic statuses are
+// predictions: the first candidate whose run succeeds is kept, one that fails is passed over.
+template <typename A, typename B, typename C, typename Perf, typename Algo>
+void convolve(Choice& ch, const Descriptors& d, cudnnHandle_t h, int dev, const char* what,
+              cudnnStatus_t (*max_count)(cudnnHandle_t, int*),
+              cudnnStatus_t (*heuristics)(cudnnHandle_t, A, B, cudnnConvolutionDescriptor_t, C, int,
+                                          int*, Perf*),
+              cudnnStatus_t (*ws_query)(cudnnHandle_t, A, B, cudnnConvolutionDescriptor_t, C, Algo,
+                                        size_t*),
+              cudnnStatus_t (*run)(cudnnHandle_t, const void*, A, const void*, B, const void*,
+                                   cudnnConvolutionDescriptor_t, Algo, void*, size_t, const void*,
+                                   C, void*),
+              A a, const void* ap, B b, const void* bp, C c, void* cp, float beta) {
+  const float one = 1.0f;
+  if (ch.algo >= 0) {  // the descriptor serves the three directions: its math is set each time
+    DPT_CUDNN(cudnnSetConvolutionMathType(d.conv, ch.math));
+    DPT_CUDNN(run(h, &one, a, ap, b, bp, d.conv, Algo(ch.algo), workspace(dev, ch.ws), ch.ws, &beta,
+                  c, cp));
+    return;
+  }
+  DPT_CUDNN(cudnnSetConvolutionMathType(d.conv, d.math));
+  int cap = 0, n = 0;
+  DPT_CUDNN(max_count(h, &cap));
+  std::vector<Perf> perf(size_t(std::max(cap, 1)));
+  DPT_CUDNN(heuristics(h, a, b, d.conv, c, int(perf.size()), &n, perf.data()));
+  perf.resize(size_t(std::clamp(n, 0, int(perf.size()))));
+  std::stable_partition(perf.begin(), perf.end(),
+                        [](const Perf& p) { return p.determinism == CUDNN_DETERMINISTIC; });
+  cudnnStatus_t last = CUDNN_STATUS_NOT_SUPPORTED;
+  for (const Perf& p : perf) {
+    const cudnnMathType_t math = d.math == CUDNN_FMA_MATH ? CUDNN_FMA_MATH : p.mathType;
+    size_t ws = 0;
+    if (p.status != CUDNN_STATUS_SUCCESS ||
+        cudnnSetConvolutionMathType(d.conv, math) != CUDNN_STATUS_SUCCESS ||
+        ws_query(h, a, b, d.conv, c, p.algo, &ws) != CUDNN_STATUS_SUCCESS || ws > kWorkspaceLimit)
+      continue;
+    void* buffer = nullptr;
+    try {
+      buffer = workspace(dev, ws);
+    } catch (const DeviceError&) {  // out of memory for this one: perhaps not for the next
+      continue;
+    }
+    last = run(h, &one, a, ap, b, bp, d.conv, p.algo, buffer, ws, &beta, c, cp);
+    if (last == CUDNN_STATUS_SUCCESS) {
+      ch = {int(p.algo), math, ws};
+      note_choice(what, ch.algo, math, p.determinism == CUDNN_DETERMINISTIC);
+      return;
+    }
+    cudaGetLastError();  // a launch that failed inside cuDNN: not the next kernel's error
+  }
+  DPT_THROW(DeviceError, "cuDNN runs no ", what,
+            " algorithm for this convolution in this precision (the last tried: ",
+            cudnnGetErrorString(last), "; bf16 needs an Ampere or later GPU)");
+}
+
 }  // namespace
+
+std::map<std::string, int64_t> conv_algorithms_chosen() {
+  std::lock_guard<std::mutex> lock(chosen_mutex);
+  return chosen;
+}
 
 // Convolutions run in their output's memory format (y forward, dy backward): channels-last
 // activations make cuDNN's NHWC tensor-core kernels usable without transposes.
 void conv2d_forward(const Tensor& x, const Tensor& w, Tensor& y, const Conv2dParams& p) {
   check("conv2d_forward", {&x, &y}, w);
-  Handles& h = handles_for(x);
+  cudnnHandle_t h = handles_for(x).cudnn;  // the device set, before any cast runs
   const bool nhwc = y.channels_last();
   Plan& plan = plan_for(x, w, y, p, nhwc);
   const Descriptors& d = *plan.d;
-  Algos& a = plan.a;
-  choose_fwd(h.cudnn, d, a);
-  const float one = 1.0f, zero = 0.0f;
   const DType fmt = rounding_of(p.precision);  // F16/BF16: cuDNN works on 16-bit operands
   Tensor xh, wh, yh;
-  DPT_CUDNN(cudnnConvolutionForward(h.cudnn, &one, d.x, input_of(x, fmt, nhwc, xh), d.w,
-                                    input_of(w, fmt, nhwc, wh), d.conv, a.fwd,
-                                    workspace(x.device().index, a.fwd_ws), a.fwd_ws, &zero, d.y,
-                                    output_of(y, fmt, nhwc, yh)));
+  convolve(plan.a.fwd, d, h, x.device().index, "forward",
+           cudnnGetConvolutionForwardAlgorithmMaxCount, cudnnGetConvolutionForwardAlgorithm_v7,
+           cudnnGetConvolutionForwardWorkspaceSize, cudnnConvolutionForward, d.x,
+           input_of(x, fmt, nhwc, xh), d.w, input_of(w, fmt, nhwc, wh), d.y,
+           output_of(y, fmt, nhwc, yh), 0.0f);
   if (yh.defined()) cuda::cast(yh, y);
 }
 
@@ -207,33 +235,33 @@ void conv2d_backward(const Tensor& dy, const Tensor& x, const Tensor& w, Tensor*
   check("conv2d_backward", {&x, &dy}, w);
   check_operands("conv2d_backward", {&w, &dw});
   if (dx) check("conv2d_backward", {dx}, w);
-  Handles& h = handles_for(x);
+  cudnnHandle_t h = handles_for(x).cudnn;
   const bool nhwc = dy.channels_last();
   Plan& plan = plan_for(x, w, dy, p, nhwc);
   const Descriptors& d = *plan.d;
-  Algos& a = plan.a;
-  const float one = 1.0f, zero = 0.0f;
   const int dev = x.device().index;
   const DType fmt = rounding_of(p.precision);  // F16/BF16: cuDNN works on 16-bit operands
   Tensor dyh, xh, wh, dwh, dxh;
   const void* dyp = input_of(dy, fmt, nhwc, dyh);
-  choose_filter(h.cudnn, d, a);
   // dw is accumulated in place when cuDNN can write it (float32, NCHW); otherwise this call's
   // part (beta 0) goes to a copy that is cast back and added.
   void* dwp = output_of(dw, fmt, nhwc, dwh);
-  DPT_CUDNN(cudnnConvolutionBackwardFilter(h.cudnn, &one, d.x, input_of(x, fmt, nhwc, xh), d.y, dyp,
-                                           d.conv, a.bwd_filter, workspace(dev, a.filter_ws),
-                                           a.filter_ws, dwh.defined() ? &zero : &one, d.w, dwp));
+  convolve(plan.a.filter, d, h, dev, "backward-filter",
+           cudnnGetConvolutionBackwardFilterAlgorithmMaxCount,
+           cudnnGetConvolutionBackwardFilterAlgorithm_v7,
+           cudnnGetConvolutionBackwardFilterWorkspaceSize, cudnnConvolutionBackwardFilter, d.x,
+           input_of(x, fmt, nhwc, xh), d.y, dyp, d.w, dwp, dwh.defined() ? 0.0f : 1.0f);
   if (dwh.defined()) {
     Tensor part(dw.shape(), DType::F32, dw.device());
     cuda::cast(dwh, part);
     cuda::add_(dw, part);
   }
   if (!dx) return;
-  choose_data(h.cudnn, d, a);
-  DPT_CUDNN(cudnnConvolutionBackwardData(h.cudnn, &one, d.w, input_of(w, fmt, nhwc, wh), d.y, dyp,
-                                         d.conv, a.bwd_data, workspace(dev, a.data_ws), a.data_ws,
-                                         &zero, d.x, output_of(*dx, fmt, nhwc, dxh)));
+  convolve(plan.a.data, d, h, dev, "backward-data",
+           cudnnGetConvolutionBackwardDataAlgorithmMaxCount,
+           cudnnGetConvolutionBackwardDataAlgorithm_v7,
+           cudnnGetConvolutionBackwardDataWorkspaceSize, cudnnConvolutionBackwardData, d.w,
+           input_of(w, fmt, nhwc, wh), d.y, dyp, d.x, output_of(*dx, fmt, nhwc, dxh), 0.0f);
   if (dxh.defined()) cuda::cast(dxh, *dx);
 }
 

@@ -4,10 +4,19 @@
 // the CPU engine they are compared with. Strict where cuDNN is: every operand's dimensions, data
 // type and memory format must agree with the others and with the convolution, the pointers must lie
 // inside emulated device allocations of the described size, and the workspace must be at least
-// the size the queries reported (a fixed 4 KiB, so that a missing workspace shows).
+// the size the queries reported (4 KiB, so that a missing workspace shows).
+//
+// The heuristic queries offer five candidates, so that the caller's choice is exercised as the real
+// library's lists would: algorithm 5 first, whose workspace query asks 2 GiB (its heuristic entry
+// says 4 KiB); 0, which runs but is non-deterministic; 3,
+// reported unsupported; 2, reported fine but failing to run (cuDNN's statuses are predictions);
+// and 1, which works. Each comes with a math type, tensor-op math unless the descriptor asks for
+// FMA math, and runs only with the descriptor set to it. Runs of 5, 0 or 3 are counted
+// (dpt_emu::cudnn_unwanted_runs).
 #include <cudnn.h>
 #include <Eigen/Core>
 
+#include <atomic>
 #include <cstdint>
 #include <cstring>
 #include <vector>
@@ -33,11 +42,16 @@ struct cudnnConvolutionStruct {
   int pad_h = 0, pad_w = 0, u = 1, v = 1, dil_h = 1, dil_w = 1;
   cudnnDataType_t compute = CUDNN_DATA_FLOAT;
   bool set = false;
+  cudnnMathType_t math = CUDNN_DEFAULT_MATH;
 };
 
 namespace {
 
-constexpr size_t kWorkspace = 4096;
+constexpr size_t kWorkspace = 4096, kHugeWorkspace = size_t(2) << 30;
+std::atomic<int> unwanted_runs{0};
+size_t workspace_of(int algo) {  // the workspace query's answer
+  return algo == 5 ? kHugeWorkspace : kWorkspace;
+}
 
 // A 4-d operand: dims (n, c, h, w) in the given format, elements of the given type.
 struct View {
@@ -113,8 +127,8 @@ bool consistent(const cudnnTensorStruct* x, const cudnnFilterStruct* w,
 bool inside(const void* p, const View& v) {
   return p && dpt_emu::device_range(p, v.bytes());
 }
-bool workspace_ok(const void* ws, size_t bytes) {
-  return bytes >= kWorkspace && ws && dpt_emu::device_range(ws, bytes);
+bool workspace_ok(const void* ws, size_t bytes, int algo) {
+  return bytes >= workspace_of(algo) && ws && dpt_emu::device_range(ws, bytes);
 }
 
 using Matrix = Eigen::Matrix<double, Eigen::Dynamic, Eigen::Dynamic, Eigen::RowMajor>;
@@ -177,16 +191,35 @@ Matrix filters(const std::vector<float>& wv, const cudnnFilterStruct& w) {
   return m;
 }
 
+// The candidates (see the top), in the heuristics' order.
+constexpr int kCandidates = 5;
+constexpr int kOrder[kCandidates] = {5, 0, 3, 2, 1};
+
+// The math type the candidates come with for a descriptor's math.
+cudnnMathType_t paired_math(const cudnnConvolutionStruct& cv) {
+  return cv.math == CUDNN_FMA_MATH ? CUDNN_FMA_MATH : CUDNN_TENSOR_OP_MATH;
+}
+
 template <typename Perf, typename Algo>
-cudnnStatus_t one_algorithm(int requested, int* returned, Perf* perf) {
+cudnnStatus_t heuristics(const cudnnConvolutionStruct& cv, int requested, int* returned,
+                         Perf* perf) {
   if (requested < 1 || !returned || !perf) return CUDNN_STATUS_BAD_PARAM;
-  *returned = 1;
-  perf[0] = Perf{};
-  perf[0].algo = Algo(0);
-  perf[0].status = CUDNN_STATUS_SUCCESS;
-  perf[0].memory = kWorkspace;
-  perf[0].determinism = CUDNN_DETERMINISTIC;
+  *returned = std::min(requested, kCandidates);
+  for (int i = 0; i < *returned; ++i) {
+    perf[i] = Perf{};
+    perf[i].algo = Algo(kOrder[i]);
+    perf[i].status = kOrder[i] == 3 ? CUDNN_STATUS_NOT_SUPPORTED : CUDNN_STATUS_SUCCESS;
+    perf[i].memory = kWorkspace;
+    perf[i].determinism = kOrder[i] == 0 ? CUDNN_NON_DETERMINISTIC : CUDNN_DETERMINISTIC;
+    perf[i].mathType = paired_math(cv);
+  }
   return CUDNN_STATUS_SUCCESS;
+}
+// Whether algorithm `algo` runs (else the status to return), counting the unwanted runs.
+cudnnStatus_t runs(int algo, const cudnnConvolutionStruct& cv) {
+  if (algo == 5 || algo == 0 || algo == 3) ++unwanted_runs;
+  if (algo == 2 || algo == 3 || algo < 0 || algo >= 8) return CUDNN_STATUS_NOT_SUPPORTED;
+  return cv.math == paired_math(cv) ? CUDNN_STATUS_SUCCESS : CUDNN_STATUS_NOT_SUPPORTED;
 }
 
 // The handle and the descriptors: objects of the structs above.
@@ -206,7 +239,9 @@ cudnnStatus_t drop(T* p) {
 extern "C" {
 
 const char* cudnnGetErrorString(cudnnStatus_t s) {
-  return s == CUDNN_STATUS_SUCCESS ? "CUDNN_STATUS_SUCCESS" : "CUDNN_STATUS_BAD_PARAM (emulated)";
+  return s == CUDNN_STATUS_SUCCESS         ? "CUDNN_STATUS_SUCCESS"
+         : s == CUDNN_STATUS_NOT_SUPPORTED ? "CUDNN_STATUS_NOT_SUPPORTED (emulated)"
+                                           : "CUDNN_STATUS_BAD_PARAM (emulated)";
 }
 cudnnStatus_t cudnnCreate(cudnnHandle_t* h) {
   return make(h);
@@ -259,9 +294,22 @@ cudnnStatus_t cudnnSetConvolution2dDescriptor(cudnnConvolutionDescriptor_t d, in
   return CUDNN_STATUS_SUCCESS;
 }
 cudnnStatus_t cudnnSetConvolutionMathType(cudnnConvolutionDescriptor_t d, cudnnMathType_t m) {
-  return d && (m == CUDNN_DEFAULT_MATH || m == CUDNN_TENSOR_OP_MATH || m == CUDNN_FMA_MATH)
-             ? CUDNN_STATUS_SUCCESS
-             : CUDNN_STATUS_BAD_PARAM;
+  if (!d || (m != CUDNN_DEFAULT_MATH && m != CUDNN_TENSOR_OP_MATH && m != CUDNN_FMA_MATH))
+    return CUDNN_STATUS_BAD_PARAM;
+  d->math = m;
+  return CUDNN_STATUS_SUCCESS;
+}
+cudnnStatus_t cudnnGetConvolutionForwardAlgorithmMaxCount(cudnnHandle_t, int* n) {
+  *n = kCandidates;
+  return CUDNN_STATUS_SUCCESS;
+}
+cudnnStatus_t cudnnGetConvolutionBackwardDataAlgorithmMaxCount(cudnnHandle_t, int* n) {
+  *n = kCandidates;
+  return CUDNN_STATUS_SUCCESS;
+}
+cudnnStatus_t cudnnGetConvolutionBackwardFilterAlgorithmMaxCount(cudnnHandle_t, int* n) {
+  *n = kCandidates;
+  return CUDNN_STATUS_SUCCESS;
 }
 
 cudnnStatus_t cudnnGetConvolutionForwardAlgorithm_v7(cudnnHandle_t, const cudnnTensorDescriptor_t x,
@@ -271,49 +319,47 @@ cudnnStatus_t cudnnGetConvolutionForwardAlgorithm_v7(cudnnHandle_t, const cudnnT
                                                      int* returned,
                                                      cudnnConvolutionFwdAlgoPerf_t* perf) {
   if (!consistent(x, w, cv, y)) return CUDNN_STATUS_BAD_PARAM;
-  return one_algorithm<cudnnConvolutionFwdAlgoPerf_t, cudnnConvolutionFwdAlgo_t>(requested,
-                                                                                 returned, perf);
+  return heuristics<cudnnConvolutionFwdAlgoPerf_t, cudnnConvolutionFwdAlgo_t>(*cv, requested,
+                                                                              returned, perf);
 }
 cudnnStatus_t cudnnGetConvolutionBackwardDataAlgorithm_v7(
     cudnnHandle_t, const cudnnFilterDescriptor_t w, const cudnnTensorDescriptor_t dy,
     const cudnnConvolutionDescriptor_t cv, const cudnnTensorDescriptor_t dx, int requested,
     int* returned, cudnnConvolutionBwdDataAlgoPerf_t* perf) {
   if (!consistent(dx, w, cv, dy)) return CUDNN_STATUS_BAD_PARAM;
-  return one_algorithm<cudnnConvolutionBwdDataAlgoPerf_t, cudnnConvolutionBwdDataAlgo_t>(
-      requested, returned, perf);
+  return heuristics<cudnnConvolutionBwdDataAlgoPerf_t, cudnnConvolutionBwdDataAlgo_t>(
+      *cv, requested, returned, perf);
 }
 cudnnStatus_t cudnnGetConvolutionBackwardFilterAlgorithm_v7(
     cudnnHandle_t, const cudnnTensorDescriptor_t x, const cudnnTensorDescriptor_t dy,
     const cudnnConvolutionDescriptor_t cv, const cudnnFilterDescriptor_t dw, int requested,
     int* returned, cudnnConvolutionBwdFilterAlgoPerf_t* perf) {
   if (!consistent(x, dw, cv, dy)) return CUDNN_STATUS_BAD_PARAM;
-  return one_algorithm<cudnnConvolutionBwdFilterAlgoPerf_t, cudnnConvolutionBwdFilterAlgo_t>(
-      requested, returned, perf);
+  return heuristics<cudnnConvolutionBwdFilterAlgoPerf_t, cudnnConvolutionBwdFilterAlgo_t>(
+      *cv, requested, returned, perf);
 }
-cudnnStatus_t cudnnGetConvolutionForwardWorkspaceSize(cudnnHandle_t,
-                                                      const cudnnTensorDescriptor_t x,
-                                                      const cudnnFilterDescriptor_t w,
-                                                      const cudnnConvolutionDescriptor_t cv,
-                                                      const cudnnTensorDescriptor_t y,
-                                                      cudnnConvolutionFwdAlgo_t, size_t* bytes) {
+cudnnStatus_t cudnnGetConvolutionForwardWorkspaceSize(
+    cudnnHandle_t, const cudnnTensorDescriptor_t x, const cudnnFilterDescriptor_t w,
+    const cudnnConvolutionDescriptor_t cv, const cudnnTensorDescriptor_t y,
+    cudnnConvolutionFwdAlgo_t algo, size_t* bytes) {
   if (!consistent(x, w, cv, y)) return CUDNN_STATUS_BAD_PARAM;
-  *bytes = kWorkspace;
+  *bytes = workspace_of(algo);
   return CUDNN_STATUS_SUCCESS;
 }
 cudnnStatus_t cudnnGetConvolutionBackwardDataWorkspaceSize(
     cudnnHandle_t, const cudnnFilterDescriptor_t w, const cudnnTensorDescriptor_t dy,
     const cudnnConvolutionDescriptor_t cv, const cudnnTensorDescriptor_t dx,
-    cudnnConvolutionBwdDataAlgo_t, size_t* bytes) {
+    cudnnConvolutionBwdDataAlgo_t algo, size_t* bytes) {
   if (!consistent(dx, w, cv, dy)) return CUDNN_STATUS_BAD_PARAM;
-  *bytes = kWorkspace;
+  *bytes = workspace_of(algo);
   return CUDNN_STATUS_SUCCESS;
 }
 cudnnStatus_t cudnnGetConvolutionBackwardFilterWorkspaceSize(
     cudnnHandle_t, const cudnnTensorDescriptor_t x, const cudnnTensorDescriptor_t dy,
     const cudnnConvolutionDescriptor_t cv, const cudnnFilterDescriptor_t dw,
-    cudnnConvolutionBwdFilterAlgo_t, size_t* bytes) {
+    cudnnConvolutionBwdFilterAlgo_t algo, size_t* bytes) {
   if (!consistent(x, dw, cv, dy)) return CUDNN_STATUS_BAD_PARAM;
-  *bytes = kWorkspace;
+  *bytes = workspace_of(algo);
   return CUDNN_STATUS_SUCCESS;
 }
 
@@ -321,11 +367,12 @@ cudnnStatus_t cudnnConvolutionForward(cudnnHandle_t, const void* alpha,
                                       const cudnnTensorDescriptor_t xd, const void* x,
                                       const cudnnFilterDescriptor_t wd, const void* w,
                                       const cudnnConvolutionDescriptor_t cv,
-                                      cudnnConvolutionFwdAlgo_t, void* ws, size_t ws_bytes,
+                                      cudnnConvolutionFwdAlgo_t algo, void* ws, size_t ws_bytes,
                                       const void* beta, const cudnnTensorDescriptor_t yd, void* y) {
   if (!consistent(xd, wd, cv, yd) || !inside(x, view(*xd)) || !inside(w, view(*wd)) ||
-      !inside(y, view(*yd)) || !workspace_ok(ws, ws_bytes))
+      !inside(y, view(*yd)) || !workspace_ok(ws, ws_bytes, algo))
     return CUDNN_STATUS_BAD_PARAM;
+  if (const cudnnStatus_t r = runs(algo, *cv); r != CUDNN_STATUS_SUCCESS) return r;
   const Shape g{*xd, *yd, *wd, *cv};
   const Matrix y_mat = filters(unpack(view(*wd), w), *wd) * g.columns(unpack(view(*xd), x));
   pack(view(*yd), g.nchw(y_mat), *static_cast<const float*>(alpha),
@@ -337,12 +384,13 @@ cudnnStatus_t cudnnConvolutionBackwardData(cudnnHandle_t, const void* alpha,
                                            const cudnnFilterDescriptor_t wd, const void* w,
                                            const cudnnTensorDescriptor_t dyd, const void* dy,
                                            const cudnnConvolutionDescriptor_t cv,
-                                           cudnnConvolutionBwdDataAlgo_t, void* ws, size_t ws_bytes,
-                                           const void* beta, const cudnnTensorDescriptor_t dxd,
-                                           void* dx) {
+                                           cudnnConvolutionBwdDataAlgo_t algo, void* ws,
+                                           size_t ws_bytes, const void* beta,
+                                           const cudnnTensorDescriptor_t dxd, void* dx) {
   if (!consistent(dxd, wd, cv, dyd) || !inside(w, view(*wd)) || !inside(dy, view(*dyd)) ||
-      !inside(dx, view(*dxd)) || !workspace_ok(ws, ws_bytes))
+      !inside(dx, view(*dxd)) || !workspace_ok(ws, ws_bytes, algo))
     return CUDNN_STATUS_BAD_PARAM;
+  if (const cudnnStatus_t r = runs(algo, *cv); r != CUDNN_STATUS_SUCCESS) return r;
   const Shape g{*dxd, *dyd, *wd, *cv};
   const Matrix cols =
       filters(unpack(view(*wd), w), *wd).transpose() * g.outputs(unpack(view(*dyd), dy));
@@ -356,12 +404,13 @@ cudnnStatus_t cudnnConvolutionBackwardFilter(cudnnHandle_t, const void* alpha,
                                              const cudnnTensorDescriptor_t xd, const void* x,
                                              const cudnnTensorDescriptor_t dyd, const void* dy,
                                              const cudnnConvolutionDescriptor_t cv,
-                                             cudnnConvolutionBwdFilterAlgo_t, void* ws,
+                                             cudnnConvolutionBwdFilterAlgo_t algo, void* ws,
                                              size_t ws_bytes, const void* beta,
                                              const cudnnFilterDescriptor_t dwd, void* dw) {
   if (!consistent(xd, dwd, cv, dyd) || !inside(x, view(*xd)) || !inside(dy, view(*dyd)) ||
-      !inside(dw, view(*dwd)) || !workspace_ok(ws, ws_bytes))
+      !inside(dw, view(*dwd)) || !workspace_ok(ws, ws_bytes, algo))
     return CUDNN_STATUS_BAD_PARAM;
+  if (const cudnnStatus_t r = runs(algo, *cv); r != CUDNN_STATUS_SUCCESS) return r;
   const Shape g{*xd, *dyd, *dwd, *cv};
   const Matrix dw_mat =
       g.outputs(unpack(view(*dyd), dy)) * g.columns(unpack(view(*xd), x)).transpose();
@@ -371,3 +420,7 @@ cudnnStatus_t cudnnConvolutionBackwardFilter(cudnnHandle_t, const void* alpha,
 }
 
 }  // extern "C"
+
+int dpt_emu::cudnn_unwanted_runs() {
+  return unwanted_runs;
+}

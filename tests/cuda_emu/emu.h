@@ -61,6 +61,9 @@ int lane();
 bool device_range(const void* p, size_t bytes);
 // Whether p points into memory of the calling thread's current device.
 bool on_current_device(const void* p);
+// How many convolutions ran with an algorithm a careful choice passes over (docs/cuda-emulator.md,
+// cuDNN): a non-deterministic one, one over the workspace limit, one reported unsupported.
+int cudnn_unwanted_runs();
 
 // A launch's pointer arguments (null or into the current device's memory; a pointer passed
 // inside a struct goes unchecked).

@@ -278,7 +278,7 @@ std::mutex memory_mutex, waits_mutex;
 size_t allocated = 0;                                              // all devices together
 std::map<cudaStream_t, std::vector<std::function<void()>>> waits;  // by stream, for NCCL
 std::map<const char*, size_t> device_blocks, pinned_blocks;        // start -> bytes
-std::map<const char*, int> owners;                                 // start -> device
+std::map<const char*, int> owners;  // start -> device (whose context, for pinned blocks)
 
 // The start of the block that holds [p, p + bytes), or null.
 const char* block_of(const std::map<const char*, size_t>& blocks, const void* p, size_t bytes = 1) {
@@ -394,6 +394,7 @@ cudaError_t cudaMallocHost(void** p, size_t bytes) {
   if (!*p) return fail(cudaErrorMemoryAllocation);
   std::lock_guard<std::mutex> lock(memory_mutex);
   pinned_blocks[static_cast<const char*>(*p)] = bytes;
+  owners[static_cast<const char*>(*p)] = dpt_emu::current_device;
   return cudaSuccess;
 }
 cudaError_t cudaHostAlloc(void** p, size_t bytes, unsigned) {
@@ -403,6 +404,7 @@ cudaError_t cudaFreeHost(void* p) {
   if (!p) return cudaSuccess;
   std::lock_guard<std::mutex> lock(memory_mutex);
   if (pinned_blocks.erase(static_cast<const char*>(p)) == 0) return fail(cudaErrorInvalidValue);
+  owners.erase(static_cast<const char*>(p));
   std::free(p);
   return cudaSuccess;
 }
@@ -413,7 +415,8 @@ cudaError_t cudaPointerGetAttributes(cudaPointerAttributes* a, const void* p) {
   a->type = device                    ? cudaMemoryTypeDevice
             : holds(pinned_blocks, p) ? cudaMemoryTypeHost
                                       : cudaMemoryTypeUnregistered;
-  a->device = device ? owners[block_of(device_blocks, p)] : -1;
+  const char* pinned = block_of(pinned_blocks, p);
+  a->device = device ? owners[block_of(device_blocks, p)] : pinned ? owners[pinned] : -1;
   a->devicePointer = device ? const_cast<void*>(p) : nullptr;
   a->hostPointer = device ? nullptr : const_cast<void*>(p);
   return cudaSuccess;
@@ -421,6 +424,16 @@ cudaError_t cudaPointerGetAttributes(cudaPointerAttributes* a, const void* p) {
 cudaError_t cudaMemcpy(void* dst, const void* src, size_t bytes, cudaMemcpyKind) {
   if (bytes) std::memmove(dst, src, bytes);
   return cudaSuccess;
+}
+cudaError_t cudaMemcpyPeer(void* dst, int dst_device, const void* src, int src_device,
+                           size_t bytes) {
+  {
+    std::lock_guard<std::mutex> lock(memory_mutex);
+    const char *d = block_of(device_blocks, dst, bytes), *s = block_of(device_blocks, src, bytes);
+    if (bytes && (!d || !s || owners[d] != dst_device || owners[s] != src_device))
+      return fail(cudaErrorInvalidValue);
+  }
+  return cudaMemcpy(dst, src, bytes, cudaMemcpyDeviceToDevice);
 }
 cudaError_t cudaMemcpyAsync(void* dst, const void* src, size_t bytes, cudaMemcpyKind kind,
                             cudaStream_t) {
