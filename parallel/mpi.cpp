@@ -162,7 +162,10 @@ ProcessGroup MpiRuntime::nccl_group(const Device& device) const {
     if (c == MPI_COMM_NULL) return nullptr;
     NcclId id{};
     if (me == 0) id = nccl_unique_id();
-    const int rc = MPI_Bcast(id.data(), int(id.size()), MPI_BYTE, 0, c);
+    int rc = MPI_Bcast(id.data(), int(id.size()), MPI_BYTE, 0, c);
+    // Every rank past the broadcast before any enters NCCL's initialisation (which blocks until
+    // all ranks join): MPI builds that progress a broadcast lazily would otherwise stall there.
+    if (rc == MPI_SUCCESS) rc = MPI_Barrier(c);
     MPI_Comm_free(&c);
     DPT_CHECK(rc == MPI_SUCCESS, DeviceError, "broadcasting the NCCL id failed: ", mpi_error(rc));
     return make_nccl_rank_communicator(id, me, k, device);

@@ -89,6 +89,7 @@ void cast(const Tensor& src, Tensor& dst) {
 
 bool scale_check_(const std::vector<Tensor*>& ts, float factor) {
   const Device dev = ts[0]->device();
+  DPT_CUDA(cudaSetDevice(dev.index));
   Tensor flag = Tensor::zeros({1}, DType::I64, dev);  // the int at its start is the flag
   for (Tensor* t : ts) {
     check_operands("scale_check_", {ts[0], t});

@@ -37,11 +37,11 @@ __global__ void xent(const float* z, const int64_t* t, int64_t N, int64_t K, flo
   __shared__ int64_t arg_shared[kRowThreads];
   const int64_t n = blockIdx.x;
   const float* row = z + n * K;
-  // argmax (first index of the maximum)
+  // argmax (first index of the maximum; as on the CPU, a NaN only wins first in its row)
   int64_t arg = -1;
   float best = 0;
   for (int64_t k = threadIdx.x; k < K; k += kRowThreads)
-    if (arg < 0 || row[k] > best) best = row[k], arg = k;
+    if ((arg < 0 && (k == 0 || row[k] == row[k])) || row[k] > best) best = row[k], arg = k;
   arg_shared[threadIdx.x] = arg;
   shared[threadIdx.x] = arg < 0 ? -1e300 : double(best);
   __syncthreads();

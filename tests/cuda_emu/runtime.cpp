@@ -326,6 +326,15 @@ cudaError_t cudaGetDeviceCount(int* count) {
   *count = device_count();
   return *count > 0 ? cudaSuccess : fail(cudaErrorNoDevice);
 }
+cudaError_t cudaGetDeviceProperties(cudaDeviceProp* prop, int device) {
+  if (device < 0 || device >= device_count()) return fail(cudaErrorInvalidDevice);
+  *prop = cudaDeviceProp{};
+  std::snprintf(prop->name, sizeof prop->name, "emulated GPU %d", device);
+  prop->major = 9;  // as an H100: bf16 convolutions
+  prop->totalGlobalMem = kDeviceBytes;
+  prop->maxThreadsPerBlock = 1024;
+  return cudaSuccess;
+}
 cudaError_t cudaSetDevice(int device) {
   if (device < 0 || device >= device_count()) return fail(cudaErrorInvalidDevice);
   dpt_emu::current_device = device;
